@@ -2385,6 +2385,10 @@ def make_dataset(name, split="train", root=None, size=96, normalize=True, **kwar
 #   channel_groups  [[name, start, stop], ...]: e.g. the hypercolumn's layers; one group when unstructured
 #   mean, std       the normalisation baked inside (for information)
 #   method, variant free text naming what produced it (e.g. "moco_hypercol", "hypercol")
+# Geometry of the output map: the evaluation places cell (0, 0) on the centre of pixel (0, 0) and cell
+# (h-1, w-1) on the centre of pixel (H-1, W-1) (the align_corners=True convention of every grid here), as a
+# map resized with F.interpolate(..., align_corners=True) is; a plain strided CNN map is off by up to half a
+# stride from this, which the evaluation's linear heads absorb but matching does not.
 # =========================================================================================================
 _REQUIRED_META = ("input_size", "kind", "channels", "channel_groups", "method", "variant")
 
