@@ -8,27 +8,9 @@ from torch import nn
 
 import data
 import match
+from test_regress import gaussian_bumps
 
-
-@pytest.fixture(autouse=True)
-def fast_cpu():
-    """One intra-op thread (on a shared 2-core machine, two OpenMP threads spinning against other processes made
-    these small tensor ops up to 7x slower, measured) and denormal floats flushed to zero, as regress.py does
-    (DVE's sharp softmax underflows); both restored afterwards for the other test files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
-    torch.set_num_threads(before)
-
-
-def gaussian_bumps(keypoints, image_size, grid, sigma):
-    """Oracle features: one channel per landmark, a Gaussian (sigma in image pixels) at its true position,
-    sampled at the centres of a grid x grid feature map that spans the image (align_corners=True)."""
-    centres = data.to_pixels(data.identity_grid(grid, grid), image_size)  # (grid, grid, 2) pixels
-    d2 = (centres[None, None] - keypoints[:, :, None, None]).pow(2).sum(-1)  # (N, K, grid, grid)
-    return torch.exp(-d2 / (2 * sigma ** 2))
+pytestmark = pytest.mark.usefixtures("fast_cpu")
 
 
 def export_tiny(path, size=96):

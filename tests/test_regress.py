@@ -12,18 +12,7 @@ from torch import nn
 import data
 import regress
 
-
-@pytest.fixture(autouse=True)
-def fast_cpu():
-    """One intra-op thread (on a shared 2-core machine, two OpenMP threads spinning against other processes made
-    these small tensor ops up to 7x slower, measured) and denormal floats flushed to zero, as regress.py does
-    (DVE's sharp softmax underflows); both restored afterwards for the other test files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("fast_cpu")
 
 
 def gaussian_bumps(keypoints, image_size, grid, sigma):
