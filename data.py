@@ -147,6 +147,7 @@ RAMP24, RAMP10 = np.linspace(0.0, 1.0, 24), np.linspace(0.0, 1.0, 10)[:, None]
 LENS_X = np.concatenate([X13, X13[-2:0:-1]])  # a lens between two parabolas through (-1, 0) and (1, 0):
 LENS_ARC = 1.0 - LENS_X ** 2                  # upper arc left to right, then lower arc right to left
 LENS_TOP = np.arange(len(LENS_X)) < 13
+LENS_X2 = LENS_X ** 2  # a smile lifts the mouth line's ends by this
 BAND_S = np.concatenate([np.linspace(-1.0, 1.0, 9), np.linspace(1.0, -1.0, 9)])  # a band around a curve
 BAND_SIDE = np.where(np.arange(18) < 9, -0.5, 0.5)
 CIRCLE48 = np.stack([np.cos(np.arange(48) * math.pi / 24), np.sin(np.arange(48) * math.pi / 24)], 1)
@@ -255,20 +256,25 @@ def _clutter(draw, rng, size):
 
 @functools.lru_cache(maxsize=4)
 def _clutter_layouts(size):
-    """Background clutter drawn once per process (fixed seed): label maps uint8 (N, S, S) and shape counts.
+    """Background clutter drawn once per process (fixed seed): "L" label images and their shape counts.
 
     Drawing several large polygons per sample would cost a tenth of the rendering time; a sample takes
     one of these N layouts (256 at 96 pixels, fewer for large images to bound the memory) in one of its
     8 rotations and mirror images, and gives its shapes new colours (see _background).
     """
     rng = np.random.default_rng(8)
-    layouts = np.zeros((max(8, min(256, 2 ** 23 // size ** 2)), size, size), np.uint8)
-    counts = []
-    for layout in layouts:
-        canvas = Image.new("L", (size, size), 0)
-        counts.append(_clutter(ImageDraw.Draw(canvas), rng, size))
-        layout[:] = np.asarray(canvas)
+    layouts, counts = [], []
+    for _ in range(max(8, min(256, 2 ** 23 // size ** 2))):
+        layouts.append(Image.new("L", (size, size), 0))
+        counts.append(_clutter(ImageDraw.Draw(layouts[-1]), rng, size))
     return layouts, counts
+
+
+# The 8 orientations of a clutter layout as PIL transposes, indexed [mirrored][quarter turns]: the same
+# pixels as np.rot90(layout, turns), then [:, ::-1] if mirrored, but one C pass that also makes the copy.
+_ORIENTATIONS = [[None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270],
+                 [Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.TRANSVERSE, Image.Transpose.FLIP_TOP_BOTTOM,
+                  Image.Transpose.TRANSPOSE]]
 
 
 def _background(rng, size, table, spread):
@@ -276,23 +282,28 @@ def _background(rng, size, table, spread):
     layouts, counts = _clutter_layouts(size)
     v = rng.random((CLUTTER + 1, 4))  # rows 0..CLUTTER-1: a colour per shape; the last row picks the layout
     pick = int(v[-1, 0] * len(layouts))
-    layout, count = np.rot90(layouts[pick], int(v[-1, 1] * 4)), counts[pick]
-    if v[-1, 2] < 0.5:
-        layout = layout[:, ::-1]
+    count = counts[pick]
     colours = table[0] * (0.6 + 0.8 * v[:count, :1]) + spread * (2 * v[:count, 1:] - 1)
     table[1:count + 1] = np.minimum(np.maximum(colours, 0.03), 0.97)
-    return Image.frombytes("L", (size, size), layout.tobytes())  # a copy: drawing must not touch the bank
+    orientation = _ORIENTATIONS[int(v[-1, 2] < 0.5)][int(v[-1, 1] * 4)]
+    # a new image either way: drawing must not touch the bank
+    return layouts[pick].copy() if orientation is None else layouts[pick].transpose(orientation)
 
 
 def _label_table(colours, texture, streaks, shade, foreground):
-    """The per-label table (L, 7) that _compose reads: columns RGB colour, texture, streaks, shade, foreground."""
-    return np.column_stack([colours, texture, streaks, shade, foreground]).astype(np.float32)
+    """The per-label table (L, 8) that _compose reads: RGB colour, texture, streaks, shade, foreground, 0.
+
+    The zero pads a row to 32 bytes: np.take copies rows of 8, 16 or 32 bytes with a specialised loop and
+    other sizes with memmove, which made the gather three times slower with 28-byte rows.
+    """
+    padding = np.zeros(len(shade))
+    return np.column_stack([colours, texture, streaks, shade, foreground, padding]).astype(np.float32)
 
 
 def _compose(labels, lut, offset, light, falloff=None):
     """Colour a label map: colour * (light + texture noise + streaks streak noise - shade falloff), per label.
 
-    labels: (S, S) intp; lut: (L, 7) per-label table (see _label_table); offset: two numbers in [0, 1)
+    labels: (S, S) intp; lut: (L, 8) per-label table (see _label_table); offset: two numbers in [0, 1)
     placing the texture crop; light: (S, S) lighting; falloff: (S, S) darkening of shaded labels (or None).
     One gather reads every per-label number for every pixel, so the image costs a few full-image passes.
     Returns the image, float32 (3, S, S) in [0, 1], and the foreground mask, float32 (1, S, S).
@@ -301,14 +312,13 @@ def _compose(labels, lut, offset, light, falloff=None):
     noise = _textures(size)
     oy, ox = int(offset[0] * (noise.shape[1] - size)), int(offset[1] * (noise.shape[2] - size))
     crop = noise[:, oy:oy + size, ox:ox + size]
-    per = np.take(lut, labels, axis=0)  # (S, S, 7)
+    per = np.take(lut, labels, axis=0)  # (S, S, 8)
     factor = light + per[..., 3] * crop[0]
     factor += per[..., 4] * crop[1]
     if falloff is not None:
         factor -= per[..., 5] * falloff
     image = np.multiply(per[..., :3].transpose(2, 0, 1), factor, out=np.empty((3, size, size), np.float32))
-    np.maximum(image, 0.0, out=image)
-    return np.minimum(image, 1.0, out=image), np.ascontiguousarray(per[None, ..., 6])
+    return np.clip(image, 0.0, 1.0, out=image), np.ascontiguousarray(per[None, ..., 6])
 
 
 class _Synthetic(Dataset):
@@ -412,27 +422,48 @@ FACE_TEXTURE[:, [FACE["skin"], FACE["ear"], FACE["neck"], FACE["nose"], FACE["no
 FACE_TEXTURE[:, [FACE["shirt"], FACE["occluder"]]] = 0.08
 FACE_STREAKS = np.zeros(len(FACE_LABELS), np.float32)
 FACE_STREAKS[[FACE["hair"], FACE["brow"]]] = 0.25
-# Skin tone factors of the skin, ear, neck, nose, nose tip and nostril.
+# Skin tone factors of the skin, ear, neck, nose, nose tip and nostril; hue offsets of a shirt's R, G, B.
+SKIN_LABELS = np.array([FACE[name] for name in ("skin", "ear", "neck", "nose", "nose tip", "nostril")])
 SKIN_SHADES = np.array([[1.0], [0.95], [0.85], [0.92], [1.0], [0.4]], np.float32)
+SHIRT_HUE = np.array([0.0, 2.0, 4.0])
 FACE_SHADE = np.zeros(len(FACE_LABELS), np.float32)
 FACE_SHADE[[FACE["skin"], FACE["nose"], FACE["nose tip"], FACE["ear"]]] = 0.3
 FACE_FOREGROUND = np.zeros(len(FACE_LABELS), np.float32)
 FACE_FOREGROUND[FACE["shirt"]:FACE["glasses"] + 1] = 1.0
 FACE_LUTS = [_label_table(FACE_TABLE, FACE_TEXTURE[wild], FACE_STREAKS, FACE_SHADE, FACE_FOREGROUND)
              for wild in (0, 1)]
+# Labels, point counts and lifts of the shapes render builds for every image.
+BROW_LABELS, MOUTH_LABELS = [FACE["brow"]] * 2, [FACE["mouth"], FACE["teeth"]]
+EYE_LABELS, EYE_COUNTS = [FACE["sclera"], FACE["iris"], FACE["pupil"]] * 2, [24, 16, 16] * 2
+ZERO_LIFT, MOUTH_LIFT, STRAND_LIFT = np.zeros(112), np.full(48, 0.03), np.full(20, 0.1)
+MIRROR = np.array([[-1.0], [1.0]])  # x of the image-left eye's frame points the other way
+
+
+def _shape_block(shapes):
+    """(label, (n, 2) points, lift) triples as one block: (labels, counts, (N, 2) points, (N,) lift).
+
+    lift is the depth a shape adds to the head's (a number, or one per point; see SyntheticFaces.render).
+    The identity's blocks are concatenated once, when the cache fills, instead of for every image.
+    """
+    counts = [len(points) for _, points, _ in shapes]
+    lifts = [np.full(n, lift) if isinstance(lift, float) else lift for (_, _, lift), n in zip(shapes, counts)]
+    return ([label for label, _, _ in shapes], counts, np.concatenate([points for _, points, _ in shapes]),
+            np.concatenate(lifts))
 
 
 @functools.lru_cache(maxsize=1024)
 def _face_identity_shapes(identity):
-    """The face's shapes that depend on its identity alone, cached per process like the identity numbers.
+    """The parts of a face that depend on its identity alone, cached per process like the identity numbers.
 
-    identity: the values of FACE_IDENTITY's parameters, in its order. Returns (behind, front, jaw): the
-    shapes below the brows (long hair, shirt, neck, ears, face outline) and above them (hair, nose), as
-    (label, (N, 2) scene points, lift) (see SyntheticFaces.render; callers must not modify them), and the
-    9 jaw landmarks (9, 2).
+    identity: the values of FACE_IDENTITY's parameters, in its order. Returns a dict (callers must not
+    modify its arrays): "behind", "front" and "glasses", the shape blocks (see _shape_block) drawn below the
+    brows (long hair, shirt, neck, ears, face outline), above them (hair, nose) and, in the wild variant,
+    after the mouth (glasses; None for a face without); the landmarks "jaw" (9, 2) and "nose" (4, 2), and
+    "mark_lift" (38,) of all landmarks; and what the brows and eyes that the pose moves start from.
     """
     p = dict(zip(FACE_IDENTITY, identity))
     a, b, eye_y = p["head_w"], p["head_h"], p["eye_y"]
+    eye_x, ew = a * p["eye_dx"], p["eye_w"]
     shapes = []
 
     # Behind the face: long hair, the shirt, the neck and the ears.
@@ -453,9 +484,8 @@ def _face_identity_shapes(identity):
     outline = CIRCLE48 * [a, b]
     outline[:, 0] *= 1.0 - p["chin"] * JAW_TAPER
     shapes.append((FACE["skin"], outline, 0.0))
-    jaw = outline[24::-3]
-
-    behind, shapes = shapes, []  # the brows come next (they depend on the pose), then what follows
+    face = {"behind": _shape_block(shapes), "jaw": outline[24::-3]}
+    shapes = []  # the brows come next (they depend on the pose), then what follows
 
     # Hair on the head, drawn over the brows as a fringe would be: the outline swollen by hair_volume
     # from one side over the top to the other, closed by the hairline (a parabola, jagged for a fringe).
@@ -479,8 +509,46 @@ def _face_identity_shapes(identity):
     shapes += [(FACE["nostril"], nostril + [-0.5 * nw, nose_y + 0.015], 0.6 * depth),
                (FACE["nostril"], nostril + [0.5 * nw, nose_y + 0.015], 0.6 * depth),
                (FACE["nose tip"], CIRCLE16 * [0.38 * nw, 0.3 * nw] + [0.0, nose_y], depth)]
+    face["front"] = _shape_block(shapes)
+    face["nose"] = np.array([[0.0, eye_y + 0.04], [0.0, nose_y], [-nw, nose_y - 0.01], [nw, nose_y - 0.01]])
 
-    return tuple(behind), tuple(shapes), jaw
+    # Brows: a band around an arched centre line, thinner at the outer end; its x, and the arch and the
+    # thickness that render adds to the pose-dependent height.
+    band_x = eye_x + 0.1 * ew + BAND_S * ew * p["brow_len"]  # BAND_S: -1 at the inner end, +1 outer
+    face["brows"] = np.stack([band_x, np.zeros(18)], 1) * [[[-1.0, 1.0]], [[1.0, 1.0]]]  # (2, 18, 2)
+    face["brow_arch"] = p["brow_arch"] * (1 - BAND_S ** 2)
+    face["brow_side"] = BAND_SIDE * p["brow_thick"] * (1.0 - 0.175 * (BAND_S + 1))
+
+    # Eyes: the lids' x, the iris and pupil circles (eye, iris/pupil, 16, 2) before the gaze moves them.
+    face["almond_x"] = LENS_X * ew
+    face["rings"] = CIRCLE16 * np.array([[[p["iris"] * ew]], [[0.45 * p["iris"] * ew]]])
+
+    # Glasses (drawn in the wild variant only): a ring round each eye plus bars (temples, bridge).
+    face["glasses"] = None
+    if p["glasses"] > 0.65:
+        rim = CIRCLE16 * [1.45 * ew, 1.15 * ew]
+        ring = np.concatenate([rim * (1.0 + 0.012 / ew), rim[::-1] * (1.0 - 0.012 / ew)])
+
+        def bar(x0, x1):  # a horizontal bar of the frame at eye height
+            return np.array([[x0, eye_y - 0.012], [x1, eye_y - 0.012], [x1, eye_y + 0.012],
+                             [x0, eye_y + 0.012]])
+
+        shapes = []
+        for side in (-1, 1):
+            if p["glasses"] > 0.9:  # sunglasses
+                shapes.append((FACE["lens"], rim + [side * eye_x, eye_y], 0.0))
+            shapes += [(FACE["glasses"], ring + [side * eye_x, eye_y], 0.0),
+                       (FACE["glasses"], bar(side * (eye_x + 1.4 * ew), side * 0.99 * a), 0.0)]
+        shapes.append((FACE["glasses"], bar(1.4 * ew - eye_x, eye_x - 1.4 * ew), 0.05))
+        face["glasses"] = _shape_block(shapes)
+
+    # The landmarks' lift (their order: see render).
+    mark_lift = np.zeros(38)
+    mark_lift[[2, 21]] = depth  # nose tip
+    mark_lift[[20, 22, 23]] = [0.1 * depth, 0.5 * depth, 0.5 * depth]  # bridge, nostril wings
+    mark_lift[[3, 4, 32, 33, 34, 35, 36, 37]] = 0.03  # mouth
+    face["mark_lift"] = mark_lift
+    return face
 
 
 class SyntheticFaces(_Synthetic):
@@ -524,107 +592,87 @@ class SyntheticFaces(_Synthetic):
         rng = np.random.default_rng(p["scene"])
         u = _uniforms(rng)
         a, b = p["head_w"], p["head_h"]
-
-        # The shapes of the identity (behind the face, its outline, hair and nose) come from a cache.
-        behind, front, jaw = _face_identity_shapes(tuple(p[name] for name in FACE_IDENTITY))
-        shapes = list(behind)  # (label, (N, 2) scene points, lift: depth added to the head's, float or (N,))
-
-        # Brows: a band around an arched centre line, thinner at the outer end, lifted by brow_raise.
         eye_x, eye_y, ew = a * p["eye_dx"], p["eye_y"], p["eye_w"]
-        band_x = eye_x + 0.1 * ew + BAND_S * ew * p["brow_len"]  # BAND_S: -1 at the inner end, +1 outer
-        band_y = (eye_y - p["brow_gap"] - 0.035 * p["brow_raise"] - p["brow_arch"] * (1 - BAND_S ** 2)
-                  + BAND_SIDE * p["brow_thick"] * (1.0 - 0.175 * (BAND_S + 1)))
-        bands = np.stack([band_x, band_y], 1) * [[[-1.0, 1.0]], [[1.0, 1.0]]]  # image-left, image-right
-        ends = (bands[:, [8, 4, 0]] + bands[:, [9, 13, 17]]) / 2  # centre lines: outer end, middle, inner end
-        shapes += [(FACE["brow"], bands[0], 0.0), (FACE["brow"], bands[1], 0.0)]
+
+        # What depends on the identity alone (the shapes behind the face, its outline, hair, nose and
+        # glasses, the jaw and nose landmarks) comes from a cache; the pose moves the brows, eyes and mouth.
+        face = _face_identity_shapes(tuple(p[name] for name in FACE_IDENTITY))
+
+        # Brows: the identity's bands (2, 18, 2) (image-left, image-right) at a height lifted by brow_raise.
+        bands = face["brows"].copy()
+        bands[..., 1] = eye_y - p["brow_gap"] - 0.035 * p["brow_raise"] - face["brow_arch"] + face["brow_side"]
+        # Centre lines: outer end, middle, inner end, the midpoints of vertex pairs (8, 9), (4, 13), (0, 17).
+        ends = (bands[:, 8::-4] + bands[:, 9::4]) / 2
         brows = [ends[0], ends[1, ::-1]]
-        shapes += front  # the hair over the brows, as a fringe would be, and the nose
-        nose_y, nw, depth = p["nose_y"], p["nose_w"], p["nose_depth"]
 
         # Eyes, built in an eye frame (x towards the outer corner, y down, origin between the corners):
         # lids are parabolas through the corners, the iris (its centre is the eye landmark, moved by the
         # gaze) and the pupil are clipped to the opening; then tilted and mirrored into the scene.
-        up, low = 0.65 * ew * p["eye_open"], 0.5 * ew * p["eye_open"]
-        almond = np.stack([LENS_X * ew, np.where(LENS_TOP, -up, low) * LENS_ARC], 1)
         # Both eyes at once: axis 0 is (image-left eye, image-right eye), whose frames mirror each other.
+        up, low = 0.65 * ew * p["eye_open"], 0.5 * ew * p["eye_open"]
         gaze = 0.3 * ew * p["gaze_x"]
         iris = np.array([[-gaze, 0.1 * ew * p["gaze_y"]], [gaze, 0.1 * ew * p["gaze_y"]]])  # (2, 2)
-        rings = CIRCLE16 * np.array([[[p["iris"] * ew]], [[0.45 * p["iris"] * ew]]]) + iris[:, None, None]
-        x = np.minimum(np.maximum(rings[..., 0], -ew), ew)  # rings: (eye, iris/pupil, 16, 2)
+        rings = face["rings"] + iris[:, None, None]  # (eye, iris/pupil, 16, 2)
+        x = np.minimum(np.maximum(rings[..., 0], -ew), ew)
         limit = 1.0 - (x / ew) ** 2
-        local = np.empty((2, 61, 2))
-        local[:, :24] = almond
-        y = np.minimum(np.maximum(rings[..., 1], -up * limit), low * limit)
-        local[:, 24:56] = np.stack([x, y], -1).reshape(2, 32, 2)
-        local[:, 56:60] = [[ew, 0.0], [0.0, -up], [-ew, 0.0], [0.0, low]]  # the corners and lid middles
+        local = np.empty((2, 61, 2))  # per eye: lids (24), iris and pupil (32), corners and lid middles, iris
+        local[:, :24, 0] = face["almond_x"]
+        local[:, :24, 1] = np.where(LENS_TOP, -up, low) * LENS_ARC
+        local[:, 24:56, 0] = x.reshape(2, 32)
+        local[:, 24:56, 1] = np.minimum(np.maximum(rings[..., 1], -up * limit), low * limit).reshape(2, 32)
+        local[:, 56:60] = [[ew, 0.0], [0.0, -up], [-ew, 0.0], [0.0, low]]
         local[:, 60] = iris
         cos_t, sin_t = math.cos(p["eye_tilt"]), -math.sin(p["eye_tilt"])  # tilt: outer corner up
-        mirror = np.array([[-1.0], [1.0]])
-        scene = np.stack([mirror * (cos_t * local[..., 0] - sin_t * local[..., 1] + eye_x),
-                          sin_t * local[..., 0] + cos_t * local[..., 1] + eye_y], -1)
-        for eye in scene:
-            shapes += [(FACE["sclera"], eye[:24], 0.0), (FACE["iris"], eye[24:40], 0.0),
-                       (FACE["pupil"], eye[40:56], 0.0)]
+        scene = np.empty((2, 61, 2))
+        scene[..., 0] = MIRROR * (cos_t * local[..., 0] - sin_t * local[..., 1] + eye_x)
+        scene[..., 1] = sin_t * local[..., 0] + cos_t * local[..., 1] + eye_y
         eyes = scene[:, 56:]  # (2, 5, 2): outer corner, upper lid, inner corner, lower lid, iris centre
 
         # Mouth: lip curves meet at the two corners (the landmarks); a smile lifts the corners, an open
         # mouth separates the inner curves and shows the mouth and the upper teeth.
         gap = max(p["mouth_open"], 0.0) / 2
         mw = p["mouth_w"] * (1.0 + 0.1 * p["smile"])
-        bend = p["mouth_y"] - 0.045 * p["smile"] * LENS_X ** 2  # the mouth line, corners lifted by a smile
-        lips = np.stack([LENS_X * mw, bend + np.where(LENS_TOP, -p["lip_up"] - gap, p["lip_low"] + gap)
-                         * LENS_ARC], 1)
-        shapes.append((FACE["lips"], lips, 0.03))
+        bend = p["mouth_y"] - 0.045 * p["smile"] * LENS_X2  # the mouth line, corners lifted by a smile
+        lips = np.empty((24, 2))
+        lips[:, 0] = LENS_X * mw
+        lips[:, 1] = bend + np.where(LENS_TOP, -p["lip_up"] - gap, p["lip_low"] + gap) * LENS_ARC
+        # The shapes in drawing order, as blocks (labels, counts, points, lift); see _shape_block.
+        blocks = [face["behind"], (BROW_LABELS, [18, 18], bands.reshape(36, 2), ZERO_LIFT[:36]), face["front"],
+                  (EYE_LABELS, EYE_COUNTS, scene[:, :56].reshape(112, 2), ZERO_LIFT),
+                  ([FACE["lips"]], [24], lips, MOUTH_LIFT[:24])]
         if gap > 0.002:
-            inner = np.stack([LENS_X * mw, bend + np.where(LENS_TOP, -gap, gap) * LENS_ARC], 1)
-            teeth = inner.copy()
-            teeth[13:, 1] = bend[13:] + (min(2 * gap, 0.025) - gap) * LENS_ARC[13:]
-            shapes += [(FACE["mouth"], inner, 0.03), (FACE["teeth"], teeth, 0.03)]
-            mouth_inner = inner[[6, 18]]
+            inner = np.empty((48, 2))  # the open mouth, then the teeth (the same but for a shorter lower arc)
+            inner[:24, 0] = inner[24:, 0] = lips[:, 0]
+            inner[:24, 1] = inner[24:, 1] = bend + np.where(LENS_TOP, -gap, gap) * LENS_ARC
+            inner[37:, 1] = bend[13:] + (min(2 * gap, 0.025) - gap) * LENS_ARC[13:]
+            blocks.append((MOUTH_LABELS, [24, 24], inner, MOUTH_LIFT))
+            mouth_inner = inner[6:19:12]  # the middles of the inner curves, rows 6 and 18
         else:
             mouth_inner = np.array([[0.0, p["mouth_y"]]] * 2)
-        mouth = lips[[0, 6, 12, 18]]  # left corner, upper lip top, right corner, lower lip bottom
+        mouth = lips[::6]  # rows 0, 6, 12, 18: left corner, upper lip top, right corner, lower lip bottom
 
         # Wild images: glasses (an identity trait, drawn in the wild variant only) and a loose strand of
-        # hair across the face. The frame is a ring round each eye plus bars (temples, bridge).
-        if wild and p["glasses"] > 0.65:
-            rim = CIRCLE16 * [1.45 * ew, 1.15 * ew]
-            ring = np.concatenate([rim * (1.0 + 0.012 / ew), rim[::-1] * (1.0 - 0.012 / ew)])
-
-            def bar(x0, x1):  # a horizontal bar of the frame at eye height
-                return np.array([[x0, eye_y - 0.012], [x1, eye_y - 0.012], [x1, eye_y + 0.012],
-                                 [x0, eye_y + 0.012]])
-
-            for side in (-1, 1):
-                if p["glasses"] > 0.9:  # sunglasses
-                    shapes.append((FACE["lens"], rim + [side * eye_x, eye_y], 0.0))
-                shapes += [(FACE["glasses"], ring + [side * eye_x, eye_y], 0.0),
-                           (FACE["glasses"], bar(side * (eye_x + 1.4 * ew), side * 0.99 * a), 0.0)]
-            shapes.append((FACE["glasses"], bar(1.4 * ew - eye_x, eye_x - 1.4 * ew), 0.05))
+        # hair across the face.
+        if wild and face["glasses"] is not None:
+            blocks.append(face["glasses"])
         if wild and u() < 0.3:
             start = np.array([u(-0.6, 0.6) * a, b * p["hairline"]])
             s = RAMP10
             path = start + s * [u(-0.3, 0.3), u(0.4, 0.9)] + u(-0.15, 0.15) * np.sin(math.pi * s) * [1, 0]
             width = u(0.02, 0.045) * (1.0 - 0.7 * s) * [1, 0]
-            shapes.append((FACE["hair"], np.concatenate([path - width, (path + width)[::-1]]), 0.1))
+            blocks.append(([FACE["hair"]], [20], np.concatenate([path - width, (path + width)[::-1]]),
+                           STRAND_LIFT))
 
         # Landmarks, then every point through the head pose at once.
-        nose = np.array([[0.0, eye_y + 0.04], [0.0, nose_y], [-nw, nose_y - 0.01], [nw, nose_y - 0.01]])
-        marks = np.concatenate([eyes[0][4:], eyes[1][4:], nose[1:2], mouth[[0, 2]],  # MAFL
+        nose, jaw = face["nose"], face["jaw"]
+        marks = np.concatenate([eyes[0][4:], eyes[1][4:], nose[1:2], mouth[::2],  # MAFL
                                 jaw, brows[0], brows[1], nose, eyes[0][:4], eyes[1][[2, 1, 0, 3]], mouth,
                                 mouth_inner])  # dense
-        mark_lift = np.zeros(len(marks))
-        mark_lift[[2, 21]] = depth  # nose tip
-        mark_lift[[20, 22, 23]] = [0.1 * depth, 0.5 * depth, 0.5 * depth]  # bridge, nostril wings
-        mark_lift[[3, 4, 32, 33, 34, 35, 36, 37]] = 0.03  # mouth
-        counts = [len(points) for _, points, _ in shapes] + [len(marks)]
-        lift = np.repeat([x if isinstance(x, float) else 0.0 for _, _, x in shapes] + [0.0], counts)
+        points = np.concatenate([block[2] for block in blocks] + [marks])
+        lift = np.concatenate([block[3] for block in blocks] + [face["mark_lift"]])
+        shapes = [label for block in blocks for label in block[0]]
+        counts = [n for block in blocks for n in block[1]]
         ends = list(itertools.accumulate(counts))  # where each shape's points end
-        for (_, _, x), stop, n in zip(shapes, ends, counts):
-            if not isinstance(x, float):
-                lift[stop - n:stop] = x
-        lift[-len(marks):] = mark_lift
-        points = np.concatenate([points for _, points, _ in shapes] + [marks])
 
         # Head pose. Yaw acts on a pseudo-3D head: a point gets the depth z = 0.6 a (1 - r^2) inside the
         # head ellipse (0 outside, so the outline only narrows) plus its lift (the nose sticks out), and
@@ -638,7 +686,11 @@ class SyntheticFaces(_Synthetic):
         z = 0.6 * a * np.maximum(1.0 - (x / a) ** 2 - (y / b) ** 2, 0.0) + lift
         x = x * cos_yaw + z * sin_yaw
         half = (size - 1) / 2
-        pixels = np.stack([cos_r * x - sin_r * y + tx, sin_r * x + cos_r * y + ty], 1) * half + half
+        pixels = np.empty_like(points)
+        pixels[:, 0] = cos_r * x - sin_r * y + tx
+        pixels[:, 1] = sin_r * x + cos_r * y + ty
+        pixels *= half
+        pixels += half
         marks = pixels[-len(marks):]
         keypoints = marks[:5] if self.annotation == "mafl" else marks[5:]
 
@@ -648,7 +700,7 @@ class SyntheticFaces(_Synthetic):
         canvas = _background(rng, size, table, 0.25) if wild else Image.new("L", (size, size), 0)
         draw = ImageDraw.Draw(canvas)
         corners = (pixels + 0.5).ravel().tolist()  # PIL's pixel i covers [i, i + 1), see the module docstring
-        for (label, _, _), stop, n in zip(shapes, ends, counts):
+        for label, stop, n in zip(shapes, ends, counts):
             draw.polygon(corners[2 * (stop - n):2 * stop], fill=label)
         if wild and u() < 0.25:  # a foreign object in front of the face, near one of the MAFL points
             centre = marks[int(u(0, 5))] + [u(-0.3, 0.3) * half, u(-0.3, 0.3) * half]
@@ -660,12 +712,11 @@ class SyntheticFaces(_Synthetic):
         k = p["skin"] * (len(SKIN) - 1)
         skin = SKIN[int(k)] + (SKIN[min(int(k) + 1, len(SKIN) - 1)] - SKIN[int(k)]) * (k - int(k))
         hair = _palette(HAIR, p["hair_colour"], p["hair_shade"])
-        table[[FACE["skin"], FACE["ear"], FACE["neck"], FACE["nose"], FACE["nose tip"], FACE["nostril"]]] = (
-            skin * SKIN_SHADES)
-        table[[FACE["hair"], FACE["brow"]]] = hair, hair * 0.8
+        table[SKIN_LABELS] = skin * SKIN_SHADES
+        table[FACE["hair"]], table[FACE["brow"]] = hair, hair * 0.8
         table[FACE["iris"]] = EYES[p["eye_colour"]]
         table[FACE["lips"]] = skin * [1.0, p["lip_tint"], p["lip_tint"]]
-        hue = p["shirt"] * 6.0 + np.array([0.0, 2.0, 4.0])  # a saturated colour of hue p["shirt"]
+        hue = p["shirt"] * 6.0 + SHIRT_HUE  # a saturated colour of hue p["shirt"]
         table[FACE["shirt"]] = 0.25 + 0.2 * np.abs(hue % 6.0 - 3.0)
 
         # Shading: a lighting ramp across the image, and skin that darkens towards the face outline like a
@@ -681,8 +732,9 @@ class SyntheticFaces(_Synthetic):
         angle, strength = u(0, 2 * math.pi), u(0.0, 0.35 if wild else 0.15)
         light = (strength * math.cos(angle) * axis)[None, :] + (1 + strength * math.sin(angle) * axis)[:, None]
         labels = np.asarray(canvas).astype(np.intp)
-        image, mask = _compose(labels, lut, (u(), u()), light, np.minimum(r2, 1.5))
-        visible = (keypoints.min(1) >= 0) & (keypoints.max(1) <= size - 1)
+        image, mask = _compose(labels, lut, (u(), u()), light, np.minimum(r2, 1.5, out=r2))
+        inside = (keypoints >= 0) & (keypoints <= size - 1)
+        visible = inside[:, 0] & inside[:, 1]
         return self._sample(image, mask, labels, keypoints, visible, with_labels)
 
 
@@ -745,8 +797,9 @@ BIRD_LUT = _label_table(BIRD_TABLE, BIRD_TEXTURE, BIRD_STREAKS, np.zeros(len(BIR
 
 
 def _cross(a, b):
-    """Cross product of two 3-vectors (np.cross is slow on tiny arrays)."""
-    return np.array([a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]])
+    """Cross product of two 3-vectors (np.cross is slow on tiny arrays; so is arithmetic on numpy scalars)."""
+    (a0, a1, a2), (b0, b1, b2) = a.tolist(), b.tolist()
+    return np.array([a1 * b2 - a2 * b1, a2 * b0 - a0 * b2, a0 * b1 - a1 * b0])
 
 
 def _unit(v):
@@ -793,7 +846,7 @@ class SyntheticBirds(_Synthetic):
         left = _cross(up, forward)
         ax = math.cos(p["pitch"]) * forward + math.sin(p["pitch"]) * up  # body axis, raised at the front
         ax_up = _cross(ax, left)
-        body = np.stack([ax, p["body_h"] * ax_up, p["body_w"] * left], 1)  # columns = semi-axes, (3, 3)
+        body = np.array([ax, p["body_h"] * ax_up, p["body_w"] * left]).T.copy()  # columns = semi-axes, (3, 3)
         # Head frame: turned by head_turn about the vertical, pitched by head_pitch; hu = hf x hl.
         turn, tilt = p["head_turn"], p["head_pitch"]
         hf = math.cos(tilt) * (math.cos(turn) * forward + math.sin(turn) * left) + math.sin(tilt) * up
@@ -829,12 +882,13 @@ class SyntheticBirds(_Synthetic):
             throat = _cut(outline, -crown, -crown @ head[:2] + 0.3 * r)
             shapes.append((BIRD["throat"], _cut(throat, face, face @ head[:2] - 0.2 * r)))
         eyes = []
+        ahead_up = 0.37 * hf + 0.3 * hu  # an eye's normal: this plus 0.88 hl towards its side
         for name, side in (("left eye", 1.0), ("right eye", -1.0)):
-            normal = _unit(0.37 * hf + 0.3 * hu + side * 0.88 * hl)  # on the side of the head, a little up
+            normal = _unit(ahead_up + side * 0.88 * hl)  # on the side of the head, a little up
             eyes.append(head + r * normal)
             if normal[2] > 0.0:
                 t1 = _unit(hu - (hu @ normal) * normal)
-                disc = CIRCLE16 @ np.stack([t1[:2], _cross(normal, t1)[:2]])
+                disc = CIRCLE16 @ np.array([t1[:2], _cross(normal, t1)[:2]])
                 if p["ring"] > 0.6:
                     shapes.append((BIRD["eye ring"], eyes[-1][:2] + 1.7 * p["eye_r"] * disc))
                 shapes.append((BIRD[name], eyes[-1][:2] + p["eye_r"] * disc))
@@ -844,10 +898,10 @@ class SyntheticBirds(_Synthetic):
         # from the tip to the two base points farthest from the projected axis.
         base = head + 0.8 * r * hf
         tip = head + (r + p["beak_len"]) * hf - p["beak_droop"] * p["beak_len"] * hu
-        rim = base[:2] + p["beak_w"] * CIRCLE16 @ np.stack([hu[:2], hl[:2]])
+        rim = base[:2] + p["beak_w"] * CIRCLE16 @ np.array([hu[:2], hl[:2]])
         spread = rim @ np.array([base[1] - tip[1], tip[0] - base[0]])
         beak = base + 0.6 * (tip - base)
-        triangle = np.stack([tip[:2], rim[spread.argmax()], rim[spread.argmin()]])
+        triangle = np.array([tip[:2], rim[spread.argmax()], rim[spread.argmin()]])
         items.append((beak[2], [(BIRD["beak"], rim), (BIRD["beak"], triangle)]))
 
         # Wings: flat teardrops hinged at the shoulders in the plane of (wa, wu), the tip backwards; a few
@@ -855,7 +909,7 @@ class SyntheticBirds(_Synthetic):
         lift = max(p["wing_raise"] - 0.8, 0.0) / 0.2 * 0.9 - 0.12  # radians; 80% keep the wings folded
         wa = -math.cos(lift) * ax + math.sin(lift) * ax_up
         wu = math.sin(lift) * ax + math.cos(lift) * ax_up
-        plane = np.stack([wa[:2], wu[:2]])  # wing 2D (along, across) -> world x, y
+        plane = np.array([wa[:2], wu[:2]])  # wing 2D (along, across) -> world x, y
         wing_shapes = [WING * [p["wing_len"], p["wing_h"]] @ plane]
         if p["bars"] > 0.5:
             for f0 in (0.3, 0.5):
@@ -864,8 +918,9 @@ class SyntheticBirds(_Synthetic):
                 wing_shapes.append(np.array([[f0 * p["wing_len"], -h0], [f1 * p["wing_len"], -h1],
                                              [f1 * p["wing_len"], h1], [f0 * p["wing_len"], h0]]) @ plane)
         wings = []
+        middle = 0.45 * ax + 0.25 * p["body_h"] * ax_up  # between the shoulders
         for name, side in (("left wing", 1.0), ("right wing", -1.0)):
-            shoulder = 0.45 * ax + 0.25 * p["body_h"] * ax_up + side * 0.85 * p["body_w"] * left
+            shoulder = middle + side * 0.85 * p["body_w"] * left
             wings.append(shoulder + 0.4 * p["wing_len"] * wa)
             items.append((wings[-1][2], [(BIRD[name if k == 0 else name + " bar"], shoulder[:2] + shape)
                                          for k, shape in enumerate(wing_shapes)]))
@@ -876,7 +931,7 @@ class SyntheticBirds(_Synthetic):
         root, end = -0.8 * ax[:2], (-0.8 * ax + p["tail_len"] * ta)[:2]
         tail = -0.8 * ax + 0.55 * p["tail_len"] * ta
         width = np.array([[0.1], [p["tail_w"]], [-p["tail_w"]], [-0.1]])
-        ends = np.stack([root, end, end, root])
+        ends = np.array([root, end, end, root])
         items.append((tail[2], [(BIRD["tail"], ends + width * tu[:2]),
                                 (BIRD["tail"], ends + width * left[:2])]))
 
@@ -884,9 +939,10 @@ class SyntheticBirds(_Synthetic):
         # drawn before everything else: they hang below the body, whose outline hides their tops.
         bottom = -math.sqrt(body[1] @ body[1])  # the body's lowest point (world y)
         legs = []
+        apart = 0.35 * p["body_w"] * left + p["stride"] * forward  # from the body's centre to the left hip
         for name, side in (("left leg", 1.0), ("right leg", -1.0)):
-            hip = side * (0.35 * p["body_w"] * left + p["stride"] * forward)
-            x, z, foot_y, toe = hip[0], hip[2], bottom - p["leg_len"], 0.2 * forward[0]
+            hip = side * apart
+            (x, _, z), foot_y, toe = hip.tolist(), bottom - p["leg_len"], 0.2 * float(forward[0])
             legs.append(np.array([x, foot_y + 0.3 * p["leg_len"], z]))
             items.append((z - 10.0, [
                 (BIRD[name], np.array([[x - 0.035, 0.5 * bottom], [x - 0.035, foot_y], [x + 0.035, foot_y],
@@ -900,8 +956,8 @@ class SyntheticBirds(_Synthetic):
         # past the silhouette (normal z > -sin 25 deg), as CUB's parts are patches rather than points; the
         # normal of the ellipsoid at A d is A^-T d, i.e. d / (1, body_h) in the body's frame.
         on_body = 0.85 * BODY_DIRECTIONS @ body[:, :2].T  # (3, 3)
-        normals = (BODY_DIRECTIONS / [1.0, p["body_h"]]) @ np.stack([ax, ax_up])
-        on_head = HEAD_DIRECTIONS @ np.stack([hf, hu])  # (4, 3) unit directions = normals
+        normals = (BODY_DIRECTIONS / [1.0, p["body_h"]]) @ np.array([ax, ax_up])
+        on_head = HEAD_DIRECTIONS @ np.array([hf, hu])  # (4, 3) unit directions = normals
         others = [beak, eyes[0], legs[0], wings[0], eyes[1], legs[1], wings[1], tail]
         marks = np.concatenate([on_body, head + 0.85 * r * on_head, others])[CUB_ORDER]
         facing = np.concatenate([normals[:, 2] > -0.42 * np.sqrt((normals ** 2).sum(1)),
@@ -913,7 +969,8 @@ class SyntheticBirds(_Synthetic):
         shapes = [shape for _, group in items for shape in group]
         counts = [len(points) for _, points in shapes]
         points = np.concatenate([points for _, points in shapes] + [marks[:, :2]])
-        low, high = points[:-15].min(0), points[:-15].max(0)
+        x, y = points[:-15, 0], points[:-15, 1]  # (reductions along axis 0 of an (N, 2) array are slow)
+        low, high = np.array([x.min(), y.min()]), np.array([x.max(), y.max()])
         s = 2.0 * p["fill"] / max(high - low)
         room = 1.0 - s * (high - low) / 2
         tx, ty = p["x"] * room[0] - s * (low[0] + high[0]) / 2, -p["y"] * room[1] + s * (low[1] + high[1]) / 2
@@ -941,7 +998,8 @@ class SyntheticBirds(_Synthetic):
 
         # Visibility: inside the image, the topmost part there is the landmark's part, surface points face us.
         pixel = np.rint(keypoints).astype(np.intp)
-        inside = (pixel.min(1) >= 0) & (pixel.max(1) <= size - 1)
+        inside = (pixel >= 0) & (pixel <= size - 1)
+        inside = inside[:, 0] & inside[:, 1]
         pixel = np.minimum(np.maximum(pixel, 0), size - 1)
         visible = inside & facing & (PART_OF_LABEL[labels[pixel[:, 1], pixel[:, 0]]] == CUB_PART)
 
