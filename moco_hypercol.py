@@ -435,13 +435,14 @@ def fit(args, stage, run, dataset, train_step, state, epochs, batch_size):
 # =========================================================================================================
 # Exports and pictures
 # =========================================================================================================
-def export(module, run, variant, info, args, groups):
-    """Write <run>/<variant>.pt2: a frozen extractor of [0, 1] images, data.save_extractor's contract."""
+def export(module, run, variant, info, args, groups, kind="features"):
+    """Write <run>/<variant>.pt2: a frozen extractor of [0, 1] images, data.save_extractor's contract; `kind` is
+    "features" (dense descriptors) or "heatmaps" (one probability map per discovered landmark)."""
     module = copy.deepcopy(module).float().cpu().eval().to(memory_format=torch.contiguous_format)
-    meta = {"input_size": [args.image_size] * 2, "kind": "features", "method": SCRIPT, "variant": variant,
+    meta = {"input_size": [args.image_size] * 2, "kind": kind, "method": SCRIPT, "variant": variant,
             "channel_groups": groups, "arch": args.arch, "dataset": args.dataset, "epochs": args.epochs}
     meta = data.save_extractor(module, os.path.join(run, f"{variant}.pt2"), meta, info.mean, info.std)
-    print(f"exported {os.path.join(run, variant)}.pt2: {meta['channels']} x {meta['output_size']} features")
+    print(f"exported {os.path.join(run, variant)}.pt2: {meta['channels']} x {meta['output_size']} {kind}")
 
 
 def save_pictures(path, images, maps, title):
@@ -563,6 +564,7 @@ def main(argv=None):
         with torch.no_grad(), autocast(device, args.amp):
             v = torch.cat([hyper(normalize(x.to(device))).float() for x in images.split(args.batch_size)])
         V = v.permute(0, 2, 3, 1).reshape(-1, v.shape[1])  # (n 24 24) x C, >= 0 after ReLU and resizing
+        torch.set_flush_denormal(True)  # the updates shrink unused basis entries into denormals: 2x slower on CPU
         start = time.time()
         W, basis = nmf(V, args.nmf_k, args.nmf_iters, generator=torch.Generator().manual_seed(args.seed))
         log(run, "nmf", {"stage": "nmf", "images": len(images), "k": args.nmf_k, "seconds": round(time.time() -

@@ -1,0 +1,202 @@
+"""equiv_pretrain.py: the losses against naive loops and hand-made heatmaps, the hourglass, and the script end to
+end (both stages and the end-to-end baseline, resume, exports, regress.py and match.py on the exports).
+
+Tiny settings throughout (64 px, a narrow hourglass, batches of 4) so that the file runs in about a minute on
+one core.
+"""
+import json
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import data
+import equiv_pretrain as ep
+
+pytestmark = pytest.mark.usefixtures("fast_cpu")
+
+TINY = ["--image-size", "64", "--train-images", "8", "--batch-size", "4", "--workers", "0", "--equiv-widths",
+        "8,8,16,16", "--equiv-points", "16", "--equiv-k", "4", "--equiv-det-width", "8", "--equiv-det-epochs", "1"]
+
+
+def run(tmp_path, *flags):
+    ep.main(["--runs-dir", str(tmp_path), *TINY, *flags])
+    return os.path.join(str(tmp_path), "equiv_pretrain", "default")
+
+
+def gaussian_heatmaps(points, size, sigma=1.5):
+    """(B, K, 2) pixel points -> (B, K, size, size) normalised Gaussian bumps centred on them."""
+    ys, xs = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
+    d2 = (xs - points[..., 0, None, None]) ** 2 + (ys - points[..., 1, None, None]) ** 2
+    maps = torch.exp(-d2 / (2 * sigma ** 2))
+    return maps / maps.sum((2, 3), keepdim=True)
+
+
+def test_equivariant_contrastive_loss_matches_a_naive_double_loop():
+    torch.manual_seed(0)
+    f, f_prime, tau = torch.randn(3, 5), torch.randn(3, 5), 0.1
+    anchors = [nn.functional.normalize(v, dim=0) for v in list(f) + list(f_prime)]  # 2N features
+    cos = lambda a, b: float(anchors[a] @ anchors[b])  # noqa: E731
+    expected, with_self = 0.0, 0.0
+    for a in range(6):
+        positive = (a + 3) % 6  # f_i <-> f'_i
+        others = sum(math.exp(cos(a, v) / tau) for v in range(6) if v != a)  # every feature but the anchor
+        expected += -math.log(math.exp(cos(a, positive) / tau) / others) / 6
+        with_self += -math.log(math.exp(cos(a, positive) / tau) / (others + math.exp(1 / tau))) / 6
+    loss = ep.equivariant_contrastive_loss(f, f_prime, tau).item()
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert abs(loss - with_self) > 1e-3  # the self-similarity term would change the value: it is left out
+
+
+def test_sample_features_reads_exact_pixels_and_interpolates_between_them():
+    f = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5)
+    pixels = torch.tensor([[[0.0, 0.0], [4.0, 3.0]], [[2.0, 1.0], [2.5, 1.0]]])  # (x, y)
+    out = ep.sample_features(f, data.to_normalised(pixels, (4, 5)))  # 2 x 2 x 3
+    assert torch.allclose(out[0, 0], f[0, :, 0, 0]) and torch.allclose(out[0, 1], f[0, :, 3, 4])
+    assert torch.allclose(out[1, 0], f[1, :, 1, 2])
+    assert torch.allclose(out[1, 1], (f[1, :, 1, 2] + f[1, :, 1, 3]) / 2, atol=1e-5)
+
+
+def test_equivariance_loss_is_zero_for_an_exactly_equivariant_detector():
+    """A detector that returns Gaussian bumps at the true landmarks of the synthetic faces is equivariant by
+    construction: its landmarks on g x are the warped true landmarks."""
+    size = 64
+    faces = data.make_dataset("synth-faces", "test", size=size, normalize=False, length=4)
+    kp = torch.stack([faces[i]["keypoints"] for i in range(4)])  # 4 x 5 x 2 pixels
+    torch.manual_seed(0)
+    warp = ep.stage2_warp(4, ep.get_args([]), "cpu")
+    points = ep.soft_argmax(gaussian_heatmaps(kp, size))  # what the oracle detector finds on x
+    points_warped = ep.soft_argmax(gaussian_heatmaps(data.warp_points(kp, warp, size), size))  # ... and on g x
+    assert ep.equivariance_loss(points, points_warped, warp).item() < 1e-8
+    assert ep.equivariance_loss(points, points, warp).item() > 1e-3  # a detector blind to the warp is not
+
+
+def test_diversity_loss_is_high_when_heatmaps_coincide_and_zero_when_disjoint():
+    k, size, patch = 4, 16, 4
+    same = torch.zeros(1, k, size, size)
+    same[:, :, 5, 5] = 1.0  # all four landmarks on one pixel
+    disjoint = torch.zeros(1, k, size, size)
+    for j in range(k):
+        disjoint[0, j, 1 + 4 * j, 2] = 1.0  # one per 4x4 patch row
+    assert ep.diversity_loss(same, patch).item() == pytest.approx(k - 1)
+    assert ep.diversity_loss(disjoint, patch).item() == 0.0
+    near = disjoint.clone()
+    near[0, 1] = torch.roll(near[0, 0], 1, dims=1)  # map 1 one pixel below map 0: the same patch
+    assert ep.diversity_loss(near, patch).item() == pytest.approx(1.0)
+
+
+def test_variance_penalty_is_zero_for_a_delta_and_the_trace_of_the_covariance_otherwise():
+    delta = torch.zeros(2, 3, 32, 32)
+    delta[:, :, 7, 20] = 1.0
+    assert ep.variance_loss(delta).item() == pytest.approx(0.0, abs=1e-6)
+    bumps = gaussian_heatmaps(torch.full((1, 2, 2), 15.5), 32, sigma=2.0)
+    expected = 2 * 2 * (2.0 * 2 / 31) ** 2  # 2 maps x (var x + var y), sigma in normalised units
+    assert ep.variance_loss(bumps).item() == pytest.approx(expected, rel=1e-3)
+    assert ep.variance_loss(torch.full((1, 1, 32, 32), 1 / 32 ** 2)).item() > 0.6  # uniform: 2 x 1/3 x (33/31)
+
+
+@pytest.mark.parametrize("size", [96, 128])
+def test_hourglass_keeps_the_resolution_and_outputs_d_channels(size):
+    torch.manual_seed(0)
+    model = ep.Hourglass().eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, size, size)).shape == (1, 64, size, size)
+    assert len(model.down) == 4 and len(model.up) == 4
+    heatmaps = ep.SpatialSoftmax()(ep.Detector(64, 10, 8)(torch.randn(1, 64, 16, 16)))
+    assert heatmaps.shape == (1, 10, 16, 16) and torch.allclose(heatmaps.sum((2, 3)), torch.ones(1, 10))
+
+
+def test_warps_map_sampled_points_exactly_and_appearance_stays_in_range():
+    torch.manual_seed(0)
+    args = ep.get_args([])
+    image = torch.zeros(1, 1, 64, 64)
+    image[0, 0, 20, 30] = 1.0  # one bright pixel, at (x, y) = (30, 20)
+    warp = ep.stage1_warp(1, args, "cpu")
+    warped = data.warp_images(image, warp)
+    moved = data.warp_points(torch.tensor([[[30.0, 20.0]]]), warp, 64)[0, 0]  # where g sends it
+    peak = warped[0, 0].flatten().argmax()
+    assert (torch.tensor([peak % 64, peak // 64]).float() - moved).norm() < 1.0
+    x = torch.rand(4, 3, 8, 8)
+    y = ep.appearance(x, 0.3, 0.04)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1 and not torch.equal(x, y)
+
+
+def test_stages_resume_export_and_evaluate(tmp_path):
+    path = run(tmp_path, "--stop-after-steps", "1")  # interrupted in the middle of stage 1
+    assert not os.path.exists(os.path.join(path, "features.pt2"))
+    with pytest.raises(SystemExit):  # a second run does not overwrite the checkpoint silently
+        run(tmp_path)
+    run(tmp_path, "--resume", "--stop-after-steps", "1")  # stage 1 ends, stage 2 is interrupted after step 1
+    assert os.path.exists(os.path.join(path, "features.pt2")) and not os.path.exists(os.path.join(path, "heatmaps.pt2"))
+    run(tmp_path, "--stage", "2", "--resume")
+    run(tmp_path, "--end-to-end", "--stop-after-steps", "3")
+    run(tmp_path, "--end-to-end", "--resume")
+    for variant in ("features", "heatmaps", "end2end_features", "end2end_heatmaps"):
+        assert os.path.exists(os.path.join(path, f"{variant}.pt2"))
+    for picture in ("landmarks.png", "end2end_landmarks.png"):
+        assert os.path.getsize(os.path.join(path, picture)) > 1000
+    with open(os.path.join(path, "log_end2end.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records if "epoch" in r] == [2, 4]  # --epochs 1 + --equiv-det-epochs 1
+    heatmaps = data.load_extractor(os.path.join(path, "heatmaps.pt2"))
+    assert heatmaps.meta["kind"] == "heatmaps"
+    maps = heatmaps(torch.rand(3, 3, 64, 64))
+    assert maps.shape == (3, 4, 64, 64) and torch.allclose(maps.sum((2, 3)), torch.ones(3, 4), atol=1e-4)
+    assert data.load_extractor(os.path.join(path, "features.pt2"))(torch.rand(1, 3, 64, 64)).shape == (1, 64, 64, 64)
+
+    import regress
+    common = ["--image-size", "64", "--max-images", "16", "--runs-dir", str(tmp_path), "--plot-images", "0"]
+    results = regress.main(["--features", os.path.join(path, "features.pt2"), "--epochs", "1", *common])
+    assert math.isfinite(results["table"][0]["mean"])
+    results = regress.main(["--features", os.path.join(path, "heatmaps.pt2"), "--head", "ridge", *common])
+    assert math.isfinite(results["table"][0]["mean"])
+    import match
+    results = match.main(["--features", os.path.join(path, "features.pt2"), os.path.join(path, "end2end_features.pt2"),
+                          "--image-size", "64", "--pairs", "4", "--equivariance", "--equivariance-images", "8",
+                          "--runs-dir", str(tmp_path)])
+    assert set(results["equivariance"]) == {"features", "end2end_features"}
+
+
+def test_resume_is_bit_exact(tmp_path):
+    """2 epochs of 2 steps straight, versus stopped after step 3 (mid-epoch) and resumed: identical weights, so
+    the warps, points and appearance changes drawn in the step were the same."""
+    flags = ["--stage", "1", "--epochs", "2", "--deterministic"]
+    straight = run(tmp_path / "a", *flags)
+    run(tmp_path / "b", *flags, "--stop-after-steps", "3")
+    resumed = run(tmp_path / "b", *flags, "--resume")
+    a, b = [torch.load(os.path.join(p, "checkpoint_stage1.pt"), weights_only=False) for p in (straight, resumed)]
+    assert a["step"] == b["step"] == 4
+    for key, value in a["state"]["model"].items():
+        assert torch.equal(value, b["state"]["model"][key]), f"model.{key} differs after resume"
+
+
+def test_stage1_learns_equivariant_features_on_the_synthetic_faces(tmp_path):
+    """Some 30 steps of Eq. 7 make the features of a point and of its warped image more alike than those of
+    other points: the loss on held-out warped pairs falls compared with the same network at initialisation."""
+    path = run(tmp_path, "--stage", "1", "--train-images", "240", "--batch-size", "8", "--equiv-widths",
+               "16,16,16,16")
+    faces = data.make_dataset("synth-faces", "val", size=64, normalize=False, length=16)
+    x = torch.stack([faces[i]["image"] for i in range(16)])
+    args = ep.get_args(["--image-size", "64"])
+    torch.manual_seed(123)
+    warp = ep.stage1_warp(16, args, "cpu")
+    x_prime = ep.appearance(data.warp_images(x, warp), 0.3, 0.04)
+    lam = 2 * torch.rand(16, 16, 2) - 1
+    lam_prime = warp.forward(lam)
+    keep = (lam_prime.abs() <= 1).all(-1)
+    normalize = data.Normalize(faces.mean, faces.std)
+
+    def held_out_loss(model):
+        with torch.no_grad():  # train mode: batch statistics, the same for both networks
+            f, f_prime = model.train()(normalize(torch.cat([x, x_prime]))).chunk(2)
+        pairs = ep.sample_features(f, lam)[keep], ep.sample_features(f_prime, lam_prime.nan_to_num())[keep]
+        return ep.equivariant_contrastive_loss(*pairs, 0.1).item()
+
+    torch.manual_seed(0)  # main seeds with --seed 0 right before building the network
+    untrained = ep.Hourglass((16, 16, 16, 16))
+    trained = ep.Hourglass((16, 16, 16, 16))
+    trained.load_state_dict(torch.load(os.path.join(path, "checkpoint_stage1.pt"), weights_only=False)
+                            ["state"]["model"])
+    assert held_out_loss(trained) < held_out_loss(untrained) - 0.3
