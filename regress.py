@@ -53,6 +53,10 @@ Deviations from DVE / ContrastLandmark, and the sound defaults
 * Few-shot: a subset smaller than a batch is repeated within an epoch so that every step sees a full batch of
   (differently augmented) copies. Epoch selection uses the full validation split for every N; `--select-on last`
   avoids those extra labels.
+* Scale ablation (LEAD Sec. 4.4, `--zoom-train LO HI`, `--zoom-test LO HI`): each training (resp. validation
+  and test) image, with its keypoints and mask, is zoomed out about its centre by a factor drawn uniformly in
+  [LO, HI] from (seed, split, index) (`Zoomed`); the features are computed and cached from the zoomed images
+  and the default run name ends in -zoomtrainLO-HI / -zoomtestLO-HI. LEAD does not say how it zoomed.
 * Keypoints are moved by the warps exactly (data.warp_points), not by DVE's nearest-pixel lookup, and a
   landmark warped out of the frame becomes invisible.
 
@@ -139,6 +143,13 @@ def parse_args(argv=None):
                         help="use at most this many images of each split (0 = all); default: all images of a real "
                         "dataset, the first 500 of each split of the built-in synthetic data (a quick look: "
                         "DVE's head costs ~0.5 s per batch of 32 on a CPU core)")
+    parser.add_argument("--zoom-train", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="scale ablation (LEAD Sec. 4.4): zoom every training image out about its centre by a "
+                        "factor drawn uniformly in [LO, HI] per image (seeded by split and index, so reproducible; "
+                        "1 = unchanged, 2 = half the size, black border); default: off")
+    parser.add_argument("--zoom-test", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="the same for the validation and test images, e.g. --zoom-train 1 1.5 --zoom-test 1.5 2 "
+                        "tests at scales never seen in training")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0 = main process; "
                         "raise it for real datasets whose JPEG decoding is the bottleneck)")
     parser.add_argument("--plot-images", type=int, default=8, help="test images drawn in predictions.png")
@@ -519,19 +530,55 @@ def check_flags(args, meta, dataset):
                         "use a synthetic dataset")
     if args.task == "landmarks" and dataset.num_landmarks == 0:
         problems.append(f"dataset {args.dataset!r} has no landmark annotations")
+    if any(zoom is not None and not 0 < zoom[0] <= zoom[1] for zoom in (args.zoom_train, args.zoom_test)):
+        problems.append("--zoom-train and --zoom-test take two factors 0 < LO <= HI (1 = no zoom, 2 = half size)")
     if args.epochs < 1 or args.seeds < 1 or (args.annotations and min(args.annotations) < 1):
         problems.append("--epochs, --seeds and --annotations must be positive")
     if problems:
         sys.exit(f"error: {problems[0]}")
 
 
+class Zoomed(torch.utils.data.Dataset):
+    """A labelled dataset whose every image (keypoints, visibility and mask alike) is zoomed out about its centre
+    by a factor drawn uniformly in [lo, hi] from (seed, split, index) alone (data.zoom_out): the scale ablation
+    of LEAD Sec. 4.4. Every other attribute is the wrapped dataset's."""
+
+    def __init__(self, dataset, lo, hi, split, seed=0):
+        self.dataset, self.lo, self.hi, self.code = dataset, lo, hi, (seed * 3 + data.SPLIT_CODES[split]) * 10 ** 7
+
+    def __getattr__(self, name):  # name, mean, std, num_landmarks, eye_indices, metric, has_mask, ...
+        return getattr(self.__dict__["dataset"], name)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def factor(self, i):
+        u = torch.rand((), generator=torch.Generator().manual_seed(self.code + i)).item()
+        return self.lo + (self.hi - self.lo) * u
+
+    def __getitem__(self, i):
+        sample = dict(self.dataset[i])
+        size = tuple(sample["image"].shape[-2:])
+        warp = data.zoom_out(1, self.factor(i))
+        sample["image"] = data.warp_images(sample["image"][None], warp)[0]
+        if "mask" in sample:
+            sample["mask"] = (data.warp_images(sample["mask"][None], warp)[0] > 0.5).float()
+        if sample["keypoints"].numel():
+            sample["keypoints"] = data.warp_points(sample["keypoints"][None], warp, size)[0]
+            sample["visible"] = sample["visible"] & data.in_frame(sample["keypoints"], size)
+        return sample
+
+
 def make_sources(args, extractor):
-    """Build train/val/test sources (images in [0, 1], capped by --max-images)."""
+    """Build train/val/test sources (images in [0, 1], capped by --max-images, zoomed out with --zoom-*)."""
     sources, cap = {}, args.max_images
     if cap is None and args.dataset.startswith("synth-"):
         cap = 500
     for split in ("train", "val", "test"):
         dataset = data.make_dataset(args.dataset, split, root=args.data_root, size=args.image_size, normalize=False)
+        zoom = args.zoom_train if split == "train" else args.zoom_test
+        if zoom is not None:  # the features are then computed (and cached) from the zoomed images
+            dataset = Zoomed(dataset, *zoom, split, args.seed)
         sources[split] = dict(dataset=dataset, indices=list(range(len(dataset)))[:cap or None], store=None,
                               extractor=extractor, workers=args.workers)
     return sources
@@ -558,8 +605,10 @@ def ridge_predict(points, W, size):
 
 def run(args):
     """The whole evaluation for parsed arguments; returns the results dict (also written to results.json)."""
+    zooms = "".join(f"-zoom{split}{zoom[0]:g}-{zoom[1]:g}" for split, zoom in (("train", args.zoom_train),
+                                                                             ("test", args.zoom_test)) if zoom)
     args.name = args.name or (default_name(args.features, args.dataset) + "-mask" * (args.task == "mask")
-                              + "-ridge" * (args.head == "ridge") + "-fewshot" * bool(args.annotations))
+                              + "-ridge" * (args.head == "ridge") + "-fewshot" * bool(args.annotations) + zooms)
     start = time.time()
     device = pick_device(args.device)
     seed_everything(args.seed)

@@ -280,3 +280,25 @@ def test_end_to_end_mask_and_ridge(tmp_path):
 def test_bad_flag_combinations_stop_with_one_sentence(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):
         run(tmp_path, "--features", export_tiny(tmp_path / "tiny.pt2"), *flags)
+
+
+def test_zoom_flags_shrink_images_and_keypoints_towards_the_centre(tmp_path):
+    """--zoom-train / --zoom-test: each image's keypoints move towards the centre by its own factor, drawn in
+    the split's range and the same on every call; the default run name records the zoom."""
+    dataset = data.make_dataset("synth-faces", "test", size=64, normalize=False, length=4)
+    zoomed = regress.Zoomed(dataset, 1.5, 2.0, "test")
+    centre = torch.tensor([31.5, 31.5])
+    factors = [zoomed.factor(i) for i in range(4)]
+    assert all(1.5 <= f <= 2.0 for f in factors) and len(set(factors)) == 4
+    for i in range(4):
+        original, sample = dataset[i], zoomed[i]
+        assert torch.allclose(sample["keypoints"] - centre, (original["keypoints"] - centre) / factors[i], atol=1e-3)
+        assert torch.equal(sample["image"], zoomed[i]["image"])  # reproducible
+        assert sample["image"][:, 0, 0].abs().sum() == 0  # the border that came in is black
+    assert zoomed.num_landmarks == 5 and zoomed.eye_indices == dataset.eye_indices
+    results = run(tmp_path, "--features", export_tiny(tmp_path / "tiny.pt2", size=64), "--image-size", "64",
+                  "--max-images", "8", "--epochs", "1", "--plot-images", "0", "--zoom-train", "1", "1.5",
+                  "--zoom-test", "1.5", "2")
+    assert results["settings"]["name"] == "tiny-synth-faces-zoomtrain1-1.5-zoomtest1.5-2"
+    with pytest.raises(SystemExit, match="0 < LO <= HI"):
+        run(tmp_path, "--features", export_tiny(tmp_path / "tiny.pt2"), "--zoom-test", "2", "1")
