@@ -598,6 +598,24 @@ def cache_what_fits(sources, per_image, budget_gb, skip, batch_size, with_mask):
     return cached
 
 
+def mean_shape_reference(sources, spec, limit=1000):
+    """What a head that ignores the image scores: every test image is given the mean training shape (each
+    landmark's mean over its visible instances in at most `limit` training images). A regressor that does not
+    beat it has learnt nothing from the features; on aligned faces it is a strong baseline."""
+    def keypoints(src, n):  # (n, nA, 2) pixels, (n, nA) bool; from the cache when there is one
+        if src["store"] is not None:
+            return src["store"]["keypoints"][:n], src["store"]["visible"][:n]
+        samples = [src["dataset"][i] for i in src["indices"][:n]]
+        return torch.stack([x["keypoints"] for x in samples]), torch.stack([x["visible"] for x in samples])
+
+    train_kp, train_vis = keypoints(sources["train"], limit)
+    weights = train_vis.float().unsqueeze(-1)  # (N, nA, 1)
+    mean = (train_kp * weights).sum(0) / weights.sum(0).clamp(min=1)  # (nA, 2)
+    test_kp, test_vis = keypoints(sources["test"], len(sources["test"]["indices"]))
+    return landmark_metrics(mean.expand_as(test_kp), test_kp, test_vis, spec["size"], spec["eye_indices"],
+                            spec["pck_int_truncation"])
+
+
 def ridge_predict(points, W, size):
     """points (N, K, 2) normalised, W (2K, 2nA) -> predicted landmarks (N, nA, 2) in pixels."""
     return data.to_pixels((points.flatten(1).double() @ W).float().view(len(points), -1, 2), size)
@@ -701,6 +719,7 @@ def run(args):
                 masks = torch.sigmoid(head.eval()(extractor(images).float())).cpu()
         plot_predictions(images, pred, gt, visible, masks, os.path.join(run_dir, "predictions.png"))
 
+    reference = mean_shape_reference(sources, spec) if args.task == "landmarks" else None
     results = {"settings": vars(args), "extractor": meta,
                "dataset": {"name": args.dataset, **{s: len(sources[s]["indices"]) for s in sources},
                            "landmark_names": list(train_ds.landmark_names), "eye_indices": train_ds.eye_indices},
@@ -709,13 +728,15 @@ def run(args):
                              f"epoch with the best validation {metric}" if args.select_on == "val" else
                              "last epoch (DVE's practice)" if args.select_on == "last" else
                              f"epoch with the best TEST {metric} (ContrastLandmark's practice, optimistic)"),
-               "runs": runs, "table": table, "frozen_extractor_unchanged": True, "seconds": time.time() - start}
+               "runs": runs, "table": table, "mean_shape": reference, "frozen_extractor_unchanged": True,
+               "seconds": time.time() - start}
     with open(os.path.join(run_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     shown = "; ".join(f"N={r['annotations']}: {r['mean']:.2f} +- {r['std']:.2f}" if few_shot or args.seeds > 1
                       else f"{r['mean']:.2f}" for r in table)
+    baseline = f"; the mean training shape scores {reference[metric]:.2f}" if reference else ""
     print(f"regress {args.name}: test {metric} {shown} ({args.task}, head {args.head}, "
-          f"{results['selection']}) in {time.time() - start:.0f} s -> {run_dir}")
+          f"{results['selection']}{baseline}) in {time.time() - start:.0f} s -> {run_dir}")
     return results
 
 
