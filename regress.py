@@ -598,20 +598,23 @@ def cache_what_fits(sources, per_image, budget_gb, skip, batch_size, with_mask):
     return cached
 
 
-def mean_shape_reference(sources, spec, limit=1000):
-    """What a head that ignores the image scores: every test image is given the mean training shape (each
-    landmark's mean over its visible instances in at most `limit` training images). A regressor that does not
-    beat it has learnt nothing from the features; on aligned faces it is a strong baseline."""
-    def keypoints(src, n):  # (n, nA, 2) pixels, (n, nA) bool; from the cache when there is one
-        if src["store"] is not None:
-            return src["store"]["keypoints"][:n], src["store"]["visible"][:n]
-        samples = [src["dataset"][i] for i in src["indices"][:n]]
-        return torch.stack([x["keypoints"] for x in samples]), torch.stack([x["visible"] for x in samples])
+def split_keypoints(source, held=None):
+    """Keypoints (N, nA, 2) px and visibility (N, nA) of every image of a source, from what already holds them
+    (`held`: collect_points' output, or the feature cache); only otherwise are the images read again."""
+    held = held or source["store"]
+    if held is not None:
+        return held["keypoints"], held["visible"]
+    samples = [source["dataset"][i] for i in source["indices"]]
+    return torch.stack([x["keypoints"] for x in samples]), torch.stack([x["visible"] for x in samples])
 
-    train_kp, train_vis = keypoints(sources["train"], limit)
+
+def mean_shape_reference(train, test, spec):
+    """What a head that ignores the image scores: every test image is given the mean training shape (each
+    landmark's mean over its visible training instances). A regressor that does not beat it has learnt nothing
+    from the features; on aligned faces it is a strong baseline. train, test: (keypoints, visible) pairs."""
+    (train_kp, train_vis), (test_kp, test_vis) = train, test
     weights = train_vis.float().unsqueeze(-1)  # (N, nA, 1)
     mean = (train_kp * weights).sum(0) / weights.sum(0).clamp(min=1)  # (nA, 2)
-    test_kp, test_vis = keypoints(sources["test"], len(sources["test"]["indices"]))
     return landmark_metrics(mean.expand_as(test_kp), test_kp, test_vis, spec["size"], spec["eye_indices"],
                             spec["pck_int_truncation"])
 
@@ -719,7 +722,10 @@ def run(args):
                 masks = torch.sigmoid(head.eval()(extractor(images).float())).cpu()
         plot_predictions(images, pred, gt, visible, masks, os.path.join(run_dir, "predictions.png"))
 
-    reference = mean_shape_reference(sources, spec) if args.task == "landmarks" else None
+    reference = None
+    if args.task == "landmarks":
+        held = points if args.head == "ridge" else {}
+        reference = mean_shape_reference(*[split_keypoints(sources[s], held.get(s)) for s in ("train", "test")], spec)
     results = {"settings": vars(args), "extractor": meta,
                "dataset": {"name": args.dataset, **{s: len(sources[s]["indices"]) for s in sources},
                            "landmark_names": list(train_ds.landmark_names), "eye_indices": train_ds.eye_indices},

@@ -305,14 +305,12 @@ def test_zoom_flags_shrink_images_and_keypoints_towards_the_centre(tmp_path):
 
 
 def test_mean_shape_reference_predicts_the_visible_training_mean_for_every_test_image():
-    train = {"store": {"keypoints": torch.tensor([[[10.0, 10.0], [30.0, 12.0]], [[12.0, 14.0], [99.0, 99.0]]]),
-                       "visible": torch.tensor([[True, True], [True, False]])}}  # the invisible 99s are ignored
-    test = {"indices": [0],
-            "store": {"keypoints": torch.tensor([[[11.0, 12.0], [30.0, 12.0]]]),
-                      "visible": torch.tensor([[True, True]])}}
+    train = regress.split_keypoints({"store": {  # the invisible 99s are ignored
+        "keypoints": torch.tensor([[[10.0, 10.0], [30.0, 12.0]], [[12.0, 14.0], [99.0, 99.0]]]),
+        "visible": torch.tensor([[True, True], [True, False]])}})
+    test_kp, test_vis = torch.tensor([[[11.0, 12.0], [30.0, 12.0]]]), torch.tensor([[True, True]])
     spec = dict(size=(96, 96), eye_indices=(0, 1), pck_int_truncation=False)
-    out = regress.mean_shape_reference({"train": train, "test": test}, spec)
+    out = regress.mean_shape_reference(train, (test_kp, test_vis), spec)
     assert out["error_px"] == pytest.approx(0.0)  # mean of (10, 10), (12, 14) is (11, 12); (30, 12) alone
-    test["store"]["keypoints"] += torch.tensor([3.0, 4.0])
-    out = regress.mean_shape_reference({"train": train, "test": test}, spec)
+    out = regress.mean_shape_reference(train, (test_kp + torch.tensor([3.0, 4.0]), test_vis), spec)
     assert out["error_px"] == pytest.approx(5.0) and out["iod"] == pytest.approx(100 * 5.0 / 19.0)
