@@ -290,6 +290,7 @@ class NMFCoefficients(nn.Module):
         W, _ = nmf(v.permute(0, 2, 3, 1).reshape(-1, c).float(), len(self.basis), self.iters, self.basis)
         return W.reshape(b, h, w, -1).permute(0, 3, 1, 2)
 
+
 # =========================================================================================================
 # Losses
 # =========================================================================================================
@@ -635,14 +636,13 @@ def main(argv=None):
         per_epoch = len(lead_set) // args.batch_size
         scheduler = warmup_cosine(optimizer, args.lead_epochs * per_epoch, round(args.lead_warmup * per_epoch))
 
+        k = torch.arange(args.batch_size)  # every batch is full (drop_last): the pairs are fixed index lists
+        other, warped = (k, k.roll(-1)), (k, k + args.batch_size)  # (k, k + 1) and (k, warped k)
+        pairs = {"batch": [other], "views": [warped], "both": [other, warped]}[args.lead_pairs]
+
         def lead_step(batch):
             x = batch["image"].to(device)  # B x 3 x S x S in [0, 1]
             images = torch.cat([x, batch["warped"].to(device)]) if "warped" in batch else x  # x_i, then warps
-            b = len(x)
-            pairs = {"batch": [(torch.arange(b), torch.arange(b).roll(-1))],  # (k, k + 1)
-                     "views": [(torch.arange(b), torch.arange(b, 2 * b))],  # (k, warped k)
-                     "both": [(torch.arange(b), torch.arange(b).roll(-1)), (torch.arange(b), torch.arange(b, 2 * b))]
-                     }[args.lead_pairs]
             with torch.no_grad(), autocast(device, args.amp):
                 maps = compact.body(normalize(images).contiguous(memory_format=torch.channels_last))  # frozen
             with autocast(device, args.amp):

@@ -9,7 +9,6 @@ import os
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import byol_lead as bl
