@@ -23,7 +23,7 @@ Paper -> code:  Sec. 4.1 hourglass F                         -> Hourglass
                 Eq. 2 equivariance loss                      -> equivariance_loss
                 Eq. 3 diversity loss on patches              -> diversity_loss
                 concentration (variance) penalty             -> variance_loss
-                g (warps) and r (appearance) of Eq. 7        -> stage1_warp, stage2_warp, appearance
+                g (warps) and r (appearance) of Eq. 7        -> random_warp, appearance
 
 Paper values next to our CPU defaults: 20 epochs per stage (--epochs 1 and --equiv-det-epochs 2 of 2,048
 synthetic faces) | Adam lr 3e-4 (same), lr x0.9 per epoch (same), L2 5e-4 (same, Adam's weight_decay) | tau 0.1
@@ -271,16 +271,12 @@ def variance_loss(heatmaps):
 # =========================================================================================================
 # Method-specific augmentations: the warps g and the appearance change r
 # =========================================================================================================
-def stage1_warp(n, args, device):
-    """g of Eq. 7: rotation, zoom ("crop and zoom") and shift, then an elastic warp, as a data.Warp."""
-    zoom = (1 / args.equiv_zoom, args.equiv_zoom)
-    return data.random_affine(n, args.equiv_rotation, zoom, args.equiv_translation, device=device).then(
-        data.random_elastic(n, alpha=args.equiv_elastic, sigma=0.2, device=device))
-
-
-def stage2_warp(n, args, device):
-    """g of Eq. 2: a rotation about the centre, then an elastic warp (the warps of match.py's Acc(d))."""
-    return data.random_affine(n, args.equiv_rotation, (1.0, 1.0), 0.0, device=device).then(
+def random_warp(n, args, device, zoom_and_shift):
+    """g as a data.Warp: a rotation about the centre, with a zoom ("crop and zoom") and a shift for Eq. 7
+    (stage 1) or without them for Eq. 2 (stage 2: the warps of match.py's Acc(d)), then an elastic warp."""
+    zoom = (1 / args.equiv_zoom, args.equiv_zoom) if zoom_and_shift else (1.0, 1.0)
+    shift = args.equiv_translation if zoom_and_shift else 0.0
+    return data.random_affine(n, args.equiv_rotation, zoom, shift, device=device).then(
         data.random_elastic(n, alpha=args.equiv_elastic, sigma=0.2, device=device))
 
 
@@ -505,7 +501,7 @@ def main(argv=None):
 
         def stage1_step(batch):
             x = batch["image"].to(device)  # B x 3 x S x S in [0, 1]
-            warp = stage1_warp(len(x), args, device)
+            warp = random_warp(len(x), args, device, zoom_and_shift=True)
             x_prime = appearance(data.warp_images(x, warp), args.equiv_jitter, args.equiv_noise)  # r(g(x))
             lam = 2 * torch.rand(len(x), args.equiv_points, 2, device=device) - 1  # B x P x 2, normalised
             lam_prime = warp.forward(lam)  # g(lambda), exact (NaN if lost: never for these warps)
@@ -537,7 +533,7 @@ def main(argv=None):
 
         def detector_step(batch):
             x = batch["image"].to(device)  # B x 3 x S x S in [0, 1]
-            warp = stage2_warp(len(x), args, device)
+            warp = random_warp(len(x), args, device, zoom_and_shift=False)
             with autocast(device, args.amp), torch.set_grad_enabled(end2end):
                 f = features(channels_last(normalize(torch.cat([x, data.warp_images(x, warp)]))))  # 2B x D x S x S
             with autocast(device, args.amp):

@@ -41,7 +41,7 @@ def model_step_speed(args, stage):
     for _ in range(args.steps + 2):
         start = time.perf_counter()
         if stage == "stage1":
-            warp = ep.stage1_warp(len(x), opts, device)
+            warp = ep.random_warp(len(x), opts, device, zoom_and_shift=True)
             x_prime = ep.appearance(data.warp_images(x, warp), 0.3, 0.04)
             lam = 2 * torch.rand(len(x), 64, 2) - 1
             lam_prime = warp.forward(lam)
@@ -51,7 +51,7 @@ def model_step_speed(args, stage):
             loss = ep.equivariant_contrastive_loss(ep.sample_features(f, lam)[keep],
                                                    ep.sample_features(f_prime, lam_prime.nan_to_num())[keep], 0.1)
         else:
-            warp = ep.stage2_warp(len(x), opts, device)
+            warp = ep.random_warp(len(x), opts, device, zoom_and_shift=False)
             with ep.autocast(device, args.amp), torch.set_grad_enabled(stage == "end2end"):
                 f = features(cl(normalize(torch.cat([x, data.warp_images(x, warp)]))))
             with ep.autocast(device, args.amp):

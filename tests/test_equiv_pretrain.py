@@ -66,7 +66,7 @@ def test_equivariance_loss_is_zero_for_an_exactly_equivariant_detector():
     faces = data.make_dataset("synth-faces", "test", size=size, normalize=False, length=4)
     kp = torch.stack([faces[i]["keypoints"] for i in range(4)])  # 4 x 5 x 2 pixels
     torch.manual_seed(0)
-    warp = ep.stage2_warp(4, ep.get_args([]), "cpu")
+    warp = ep.random_warp(4, ep.get_args([]), "cpu", zoom_and_shift=False)
     points = ep.soft_argmax(gaussian_heatmaps(kp, size))  # what the oracle detector finds on x
     points_warped = ep.soft_argmax(gaussian_heatmaps(data.warp_points(kp, warp, size), size))  # ... and on g x
     assert ep.equivariance_loss(points, points_warped, warp).item() < 1e-8
@@ -113,7 +113,7 @@ def test_warps_map_sampled_points_exactly_and_appearance_stays_in_range():
     args = ep.get_args([])
     image = torch.zeros(1, 1, 64, 64)
     image[0, 0, 20, 30] = 1.0  # one bright pixel, at (x, y) = (30, 20)
-    warp = ep.stage1_warp(1, args, "cpu")
+    warp = ep.random_warp(1, args, "cpu", zoom_and_shift=True)
     warped = data.warp_images(image, warp)
     moved = data.warp_points(torch.tensor([[[30.0, 20.0]]]), warp, 64)[0, 0]  # where g sends it
     peak = warped[0, 0].flatten().argmax()
@@ -181,7 +181,7 @@ def test_stage1_learns_equivariant_features_on_the_synthetic_faces(tmp_path):
     x = torch.stack([faces[i]["image"] for i in range(16)])
     args = ep.get_args(["--image-size", "64"])
     torch.manual_seed(123)
-    warp = ep.stage1_warp(16, args, "cpu")
+    warp = ep.random_warp(16, args, "cpu", zoom_and_shift=True)
     x_prime = ep.appearance(data.warp_images(x, warp), 0.3, 0.04)
     lam = 2 * torch.rand(16, 16, 2) - 1
     lam_prime = warp.forward(lam)
