@@ -91,3 +91,28 @@ def test_meta_round_trips_as_json(tmp_path):
     loaded = data.load_extractor(path).meta
     assert loaded == json.loads(json.dumps(meta))
     assert loaded["kind"] == "heatmaps"
+
+
+def test_diagnose_scale_rescales_each_group_to_the_reference_norms(tmp_path):
+    """tests/diagnose_scale.py: one scalar per channel group, chosen so that each group's mean norm per
+    location equals the reference's on the same images; everything else unchanged."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import diagnose_scale
+    meta = dict(META, input_size=[96, 96])
+    reference, features, out = (str(tmp_path / f"{n}.pt2") for n in ("reference", "features", "out"))
+    data.save_extractor(small_net(), reference, meta, (0, 0, 0), (1, 1, 1))
+    louder = small_net()
+    with torch.no_grad():
+        louder[3].weight[:2] *= 3.0  # group "a" three times larger, group "b" unchanged
+        louder[3].bias[:2] *= 3.0
+    data.save_extractor(louder, features, meta, (0, 0, 0), (1, 1, 1))
+    diagnose_scale.main(["--reference", reference, "--features", features, "--out", out, "--images", "4"])
+    dataset = data.make_dataset("synth-faces", "train", size=96, normalize=False)
+    images = torch.stack([dataset[i]["image"] for i in range(4)])
+    with torch.no_grad():
+        ref, feat, scaled = (data.load_extractor(p)(images) for p in (reference, features, out))
+    torch.testing.assert_close(scaled[:, :2], feat[:, :2] / 3.0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(scaled[:, 2:], feat[:, 2:], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(scaled, ref, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,82 @@
+"""Does a hypercolumn regress worse because of what it contains, or because of how large its features are?
+
+DVE's regressor starts from N(0, 1) weights and takes a spatial softmax of 100 x (weights . feature): with
+960-d features whose norm is ~40, its softmaxes start as hard arg-maxes, and a short run spends its steps
+shrinking them. Two extractors with the same information but different feature norms can then score
+differently after a short regression. This script separates the two:
+
+* it prints, per channel group (the hypercolumn's layers), the mean feature norm per location and the mean
+  spatial standard deviation per channel of each extractor, on --images training images of --dataset;
+* with --out, it writes a copy of --features whose groups are each multiplied by one scalar so that their mean
+  norms equal --reference's: a block-diagonal rescaling, which a linear head can undo exactly, so the copy
+  holds the same information with the reference's scale.
+
+Run (one thread, ~20 s):
+    python tests/diagnose_scale.py --reference runs/moco_hypercol/random/hypercol.pt2 \
+        --features runs/moco_hypercol/default/hypercol.pt2 --out runs/moco_hypercol/default/hypercolnorm.pt2
+then regress the copy with the same flags as the original (README, section moco_hypercol.py).
+"""
+import argparse
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+
+
+class GroupScaled(nn.Module):
+    """An extractor followed by one multiplier per channel (constant within each channel group)."""
+
+    def __init__(self, extractor_module, scale):
+        super().__init__()
+        # a plain list: a module loaded from torch.export cannot be switched to eval mode by a parent module
+        self.inner = [extractor_module]
+        self.register_buffer("scale", scale.view(1, -1, 1, 1))
+
+    def forward(self, images):
+        return self.inner[0](images) * self.scale
+
+
+def group_statistics(features, groups):
+    """features (N, C, h, w) -> {group: (mean norm per location, mean spatial std per channel)}."""
+    return {name: (features[:, a:b].norm(dim=1).mean().item(), features[:, a:b].std(dim=(2, 3)).mean().item())
+            for name, a, b in groups}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--features", required=True, help="extractor to inspect (and rescale with --out)")
+    parser.add_argument("--reference", required=True, help="extractor whose per-group norms are the target")
+    parser.add_argument("--out", default=None, help="write the rescaled copy of --features here (.pt2)")
+    parser.add_argument("--dataset", default="synth-faces", choices=list(data.DATASETS))
+    parser.add_argument("--images", type=int, default=64, help="training images the statistics are taken on")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    dataset = data.make_dataset(args.dataset, "train", size=96, normalize=False)
+    images = torch.stack([dataset[i]["image"] for i in range(args.images)])  # (N, 3, 96, 96) in [0, 1]
+    reference, features = data.load_extractor(args.reference), data.load_extractor(args.features)
+    groups = features.meta["channel_groups"]
+    if [g[1:] for g in groups] != [g[1:] for g in reference.meta["channel_groups"]]:
+        sys.exit("--features and --reference must have the same channel groups (e.g. two hypercolumns)")
+    with torch.no_grad():
+        stats = {path: group_statistics(extractor(images).float(), groups)
+                 for path, extractor in ((args.reference, reference), (args.features, features))}
+    scale = torch.ones(features.meta["channels"])
+    print(f"{'group':8s} {'norm ref':>9s} {'norm feat':>9s} {'std ref':>8s} {'std feat':>8s} {'scale':>6s}")
+    for name, a, b in groups:
+        (norm_ref, std_ref), (norm, std) = stats[args.reference][name], stats[args.features][name]
+        scale[a:b] = norm_ref / norm
+        print(f"{name:8s} {norm_ref:9.2f} {norm:9.2f} {std_ref:8.3f} {std:8.3f} {norm_ref / norm:6.3f}")
+    if args.out:
+        meta = {key: features.meta[key] for key in ("input_size", "kind", "method", "channel_groups")}
+        meta["variant"] = features.meta["variant"] + "-rescaled"
+        # the loaded module already normalises its input: the wrapper's own normalisation is the identity
+        data.save_extractor(GroupScaled(features.module, scale), args.out, meta, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        print(f"wrote {args.out}: {args.features} with each group rescaled to {args.reference}'s mean norm")
+
+
+if __name__ == "__main__":
+    main()
