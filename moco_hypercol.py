@@ -48,8 +48,8 @@ Smallest run: `python moco_hypercol.py --epochs 1 --train-images 512 --name tiny
 summary line per epoch and stage, then runs/moco_hypercol/tiny/*.pt2, in a few minutes on 2 CPU cores. The
 default run (936 MoCo steps, 312 projector steps, NMF of 64 images) took 50 minutes with one thread on a 2-core
 CPU shared with four other jobs (pretraining 12-24 images/s; tests/bench_moco_hypercol.py measures the step).
-What it gives on the built-in faces, and why MoCo's hypercolumn does not yet beat a random network's there:
-README, section moco_hypercol.py.
+What it gives on the built-in faces (MoCo's hypercolumn beats the random network's on the wild faces, not on
+the aligned ones) and why: README, section moco_hypercol.py.
 """
 import argparse
 import copy
