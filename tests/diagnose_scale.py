@@ -55,9 +55,10 @@ def main(argv=None):
     parser.add_argument("--images", type=int, default=64, help="training images the statistics are taken on")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    dataset = data.make_dataset(args.dataset, "train", size=96, normalize=False)
-    images = torch.stack([dataset[i]["image"] for i in range(args.images)])  # (N, 3, 96, 96) in [0, 1]
     reference, features = data.load_extractor(args.reference), data.load_extractor(args.features)
+    size = features.meta["input_size"][0]  # the extractors were exported for square images of this side
+    dataset = data.make_dataset(args.dataset, "train", size=size, normalize=False)
+    images = torch.stack([dataset[i]["image"] for i in range(args.images)])  # (N, 3, size, size) in [0, 1]
     groups = features.meta["channel_groups"]
     if [g[1:] for g in groups] != [g[1:] for g in reference.meta["channel_groups"]]:
         sys.exit("--features and --reference must have the same channel groups (e.g. two hypercolumns)")

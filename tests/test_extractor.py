@@ -96,10 +96,7 @@ def test_meta_round_trips_as_json(tmp_path):
 def test_diagnose_scale_rescales_each_group_to_the_reference_norms(tmp_path):
     """tests/diagnose_scale.py: one scalar per channel group, chosen so that each group's mean norm per
     location equals the reference's on the same images; everything else unchanged."""
-    import os
-    import sys
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import diagnose_scale
+    import diagnose_scale  # tests/ is on sys.path while pytest runs these files
     meta = dict(META, input_size=[96, 96])
     reference, features, out = (str(tmp_path / f"{n}.pt2") for n in ("reference", "features", "out"))
     data.save_extractor(small_net(), reference, meta, (0, 0, 0), (1, 1, 1))
