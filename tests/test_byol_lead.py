@@ -13,6 +13,7 @@ from torch import nn
 
 import byol_lead as bl
 import data
+import evaluate_exports
 
 TINY = ["--image-size", "64", "--train-images", "8", "--batch-size", "4", "--workers", "0", "--byol-hidden", "64",
         "--byol-dim", "16", "--nmf-images", "4", "--nmf-iters", "10", "--nmf-k", "4", "--lead-dim", "8",
@@ -154,14 +155,8 @@ def test_stages_resume_export_and_evaluate(tmp_path):
     assert data.load_extractor(os.path.join(path, "compact.pt2"))(torch.rand(1, 3, 64, 64)).shape == (1, 8, 32, 32)
     assert data.load_extractor(os.path.join(path, "nmf.pt2"))(torch.rand(1, 3, 64, 64)).shape == (1, 4, 32, 32)
 
-    import regress
-    results = regress.main(["--features", os.path.join(path, "compact.pt2"), "--image-size", "64", "--epochs", "1",
-                            "--max-images", "16", "--runs-dir", str(tmp_path), "--plot-images", "0"])
-    assert math.isfinite(results["table"][0]["mean"])
-    import match
-    results = match.main(["--features", os.path.join(path, "compact.pt2"), os.path.join(path, "nmf.pt2"),
-                          "--image-size", "64", "--pairs", "4", "--runs-dir", str(tmp_path)])
-    assert math.isfinite(results["matching"]["nmf"]["different"]["mean_error"])
+    evaluate_exports.regression_error(path, tmp_path, "compact")
+    evaluate_exports.matching(path, tmp_path, ["compact", "nmf"])
 
 
 def test_resume_is_bit_exact(tmp_path):

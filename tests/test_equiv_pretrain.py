@@ -14,6 +14,7 @@ from torch import nn
 
 import data
 import equiv_pretrain as ep
+import evaluate_exports
 
 pytestmark = pytest.mark.usefixtures("fast_cpu")
 
@@ -146,16 +147,10 @@ def test_stages_resume_export_and_evaluate(tmp_path):
     assert maps.shape == (3, 4, 64, 64) and torch.allclose(maps.sum((2, 3)), torch.ones(3, 4), atol=1e-4)
     assert data.load_extractor(os.path.join(path, "features.pt2"))(torch.rand(1, 3, 64, 64)).shape == (1, 64, 64, 64)
 
-    import regress
-    common = ["--image-size", "64", "--max-images", "16", "--runs-dir", str(tmp_path), "--plot-images", "0"]
-    results = regress.main(["--features", os.path.join(path, "features.pt2"), "--epochs", "1", *common])
-    assert math.isfinite(results["table"][0]["mean"])
-    results = regress.main(["--features", os.path.join(path, "heatmaps.pt2"), "--head", "ridge", *common])
-    assert math.isfinite(results["table"][0]["mean"])
-    import match
-    results = match.main(["--features", os.path.join(path, "features.pt2"), os.path.join(path, "end2end_features.pt2"),
-                          "--image-size", "64", "--pairs", "4", "--equivariance", "--equivariance-images", "8",
-                          "--runs-dir", str(tmp_path)])
+    evaluate_exports.regression_error(path, tmp_path, "features")
+    evaluate_exports.regression_error(path, tmp_path, "heatmaps", "--head", "ridge")
+    results = evaluate_exports.matching(path, tmp_path, ["features", "end2end_features"], "--equivariance",
+                                        "--equivariance-images", "8")
     assert set(results["equivariance"]) == {"features", "end2end_features"}
 
 

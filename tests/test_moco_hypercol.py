@@ -12,6 +12,7 @@ import torchvision
 from torch import nn
 
 import data
+import evaluate_exports
 import moco_hypercol as mh
 
 TINY = ["--image-size", "64", "--train-images", "8", "--batch-size", "4", "--moco-queue", "8", "--workers", "0",
@@ -137,14 +138,8 @@ def test_stages_resume_export_and_evaluate(tmp_path):
     assert extractor(torch.rand(3, 3, 64, 64)).shape == (3, 576, 32, 32)
     assert data.load_extractor(os.path.join(path, "proj.pt2"))(torch.rand(1, 3, 64, 64)).shape == (1, 8, 32, 32)
 
-    import regress
-    results = regress.main(["--features", os.path.join(path, "proj.pt2"), "--image-size", "64", "--epochs", "1",
-                            "--max-images", "16", "--runs-dir", str(tmp_path), "--plot-images", "0"])
-    assert math.isfinite(results["table"][0]["mean"])
-    import match
-    results = match.main(["--features", os.path.join(path, "hypercol.pt2"), os.path.join(path, "nmf.pt2"),
-                          "--image-size", "64", "--pairs", "4", "--runs-dir", str(tmp_path)])
-    assert math.isfinite(results["matching"]["nmf"]["different"]["mean_error"])
+    evaluate_exports.regression_error(path, tmp_path, "proj")
+    evaluate_exports.matching(path, tmp_path, ["hypercol", "nmf"])
 
 
 def test_resume_is_bit_exact(tmp_path):
