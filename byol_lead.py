@@ -71,10 +71,10 @@ Open choices (the paper does not say) and deviations, each deliberate:
   exported extractor solves each location's coefficients with the basis fixed).
 
 Smallest run: `python byol_lead.py --epochs 1 --train-images 512 --lead-epochs 1 --name tiny`: a bar per epoch
-and a summary line per epoch and stage, then runs/byol_lead/tiny/{hypercol,compact,nmf}.pt2, in about 3-4
-minutes on 2 CPU cores (estimated from the default run's per-stage speeds; NMF's share does not shrink).
-The default run took 17 min wall clock with OMP_NUM_THREADS=1 on a 2-core CPU shared with other jobs (9.6 min of
-CPU time): stage 1 707 s (14 images/s), stage 2 188 s (14 images/s), NMF 110 s, exports and pictures the rest.
+and a summary line per epoch and stage, then runs/byol_lead/tiny/{hypercol,compact,nmf}.pt2, in 1-2 minutes
+on 2 idle CPU cores (estimated from the default run's per-stage speeds; NMF's share does not shrink).
+The default run took 9 min on an idle 2-core CPU: stage 1 410 s (24 images/s, two views each), stage 2 90 s
+(28 images/s), NMF 32 s, exports and pictures the rest.
 """
 import argparse
 import copy

@@ -46,8 +46,8 @@ Deviations, each deliberate:
 
 Smallest run: `python moco_hypercol.py --epochs 1 --train-images 512 --name tiny`: a bar per epoch and a
 summary line per epoch and stage, then runs/moco_hypercol/tiny/*.pt2, in a few minutes on 2 CPU cores. The
-default run (936 MoCo steps, 312 projector steps, NMF of 64 images) took 50 minutes with one thread on a 2-core
-CPU shared with four other jobs (pretraining 12-24 images/s; tests/bench_moco_hypercol.py measures the step).
+default run (936 MoCo steps, 312 projector steps, NMF of 64 images) took 14.5 minutes on an idle 2-core CPU:
+MoCo 11 min (39-49 images/s; tests/bench_moco_hypercol.py measures the step), projector 2 min, NMF 1 min.
 What it gives on the built-in faces (MoCo's hypercolumn beats the random network's on the wild faces, not on
 the aligned ones) and why: README, section moco_hypercol.py.
 """
