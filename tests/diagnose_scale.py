@@ -8,13 +8,18 @@ differently after a short regression. This script separates the two:
 * it prints, per channel group (the hypercolumn's layers), the mean feature norm per location and the mean
   spatial standard deviation per channel of each extractor, on --images training images of --dataset;
 * with --out, it writes a copy of --features whose groups are each multiplied by one scalar so that their mean
-  norms equal --reference's: a block-diagonal rescaling, which a linear head can undo exactly, so the copy
-  holds the same information with the reference's scale.
+  norms equal --reference's, or, with --equal-norm N instead, all equal N / sqrt(groups) (a whole location's
+  vector then has a mean norm of about N: e.g. a hypercolumn at the scale of one of its layers). Either is a
+  block-diagonal rescaling, which a linear head can undo exactly: the copy holds the same information at
+  another scale.
 
 Run (one thread, ~20 s):
     python tests/diagnose_scale.py --reference runs/moco_hypercol/random/hypercol.pt2 \
         --features runs/moco_hypercol/default/hypercol.pt2 --out runs/moco_hypercol/default/hypercolnorm.pt2
-then regress the copy with the same flags as the original (README, section moco_hypercol.py).
+then regress the copy with the same flags as the original (README, section moco_hypercol.py). A hypercolumn at
+the scale of its own layer1 (the layer1 norm that the first command prints, here for the wild faces' run):
+    python tests/diagnose_scale.py --features runs/moco_hypercol/wild/hypercol.pt2 --dataset synth-faces-wild \
+        --equal-norm 12.5 --out runs/moco_hypercol/wild/hypercoleq.pt2
 """
 import argparse
 import os
@@ -49,26 +54,34 @@ def group_statistics(features, groups):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--features", required=True, help="extractor to inspect (and rescale with --out)")
-    parser.add_argument("--reference", required=True, help="extractor whose per-group norms are the target")
+    parser.add_argument("--reference", default=None, help="extractor whose per-group norms are the target")
+    parser.add_argument("--equal-norm", type=float, default=None, help="instead of --reference: rescale every "
+                        "group to this / sqrt(groups), so that a location's whole vector has about this norm")
     parser.add_argument("--out", default=None, help="write the rescaled copy of --features here (.pt2)")
     parser.add_argument("--dataset", default="synth-faces", choices=list(data.DATASETS))
     parser.add_argument("--images", type=int, default=64, help="training images the statistics are taken on")
     args = parser.parse_args(argv)
+    if (args.reference is None) == (args.equal_norm is None):
+        parser.error("give one of --reference and --equal-norm")
     torch.set_num_threads(1)
-    reference, features = data.load_extractor(args.reference), data.load_extractor(args.features)
-    size = features.meta["input_size"][0]  # the extractors were exported for square images of this side
+    features = data.load_extractor(args.features)
+    size = features.meta["input_size"][0]  # the extractor was exported for square images of this side
     dataset = data.make_dataset(args.dataset, "train", size=size, normalize=False)
     images = torch.stack([dataset[i]["image"] for i in range(args.images)])  # (N, 3, size, size) in [0, 1]
     groups = features.meta["channel_groups"]
-    if [g[1:] for g in groups] != [g[1:] for g in reference.meta["channel_groups"]]:
-        sys.exit("--features and --reference must have the same channel groups (e.g. two hypercolumns)")
     with torch.no_grad():
-        stats = {path: group_statistics(extractor(images).float(), groups)
-                 for path, extractor in ((args.reference, reference), (args.features, features))}
+        stats = group_statistics(features(images).float(), groups)
+        if args.reference:
+            reference = data.load_extractor(args.reference)
+            if [g[1:] for g in groups] != [g[1:] for g in reference.meta["channel_groups"]]:
+                sys.exit("--features and --reference must have the same channel groups (e.g. two hypercolumns)")
+            target = group_statistics(reference(images).float(), groups)
+        else:  # the same target norm for every group, its std left blank
+            target = {name: (args.equal_norm / len(groups) ** 0.5, float("nan")) for name, _, _ in groups}
     scale = torch.ones(features.meta["channels"])
     print(f"{'group':8s} {'norm ref':>9s} {'norm feat':>9s} {'std ref':>8s} {'std feat':>8s} {'scale':>6s}")
     for name, a, b in groups:
-        (norm_ref, std_ref), (norm, std) = stats[args.reference][name], stats[args.features][name]
+        (norm_ref, std_ref), (norm, std) = target[name], stats[name]
         scale[a:b] = norm_ref / norm
         print(f"{name:8s} {norm_ref:9.2f} {norm:9.2f} {std_ref:8.3f} {std:8.3f} {norm_ref / norm:6.3f}")
     if args.out:
@@ -76,7 +89,8 @@ def main(argv=None):
         meta["variant"] = features.meta["variant"] + "-rescaled"
         # the loaded module already normalises its input: the wrapper's own normalisation is the identity
         data.save_extractor(GroupScaled(features.module, scale), args.out, meta, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-        print(f"wrote {args.out}: {args.features} with each group rescaled to {args.reference}'s mean norm")
+        target_name = f"{args.reference}'s mean norms" if args.reference else f"norm {args.equal_norm:g} in all"
+        print(f"wrote {args.out}: {args.features} with its groups rescaled to {target_name}")
 
 
 if __name__ == "__main__":

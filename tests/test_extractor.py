@@ -113,3 +113,22 @@ def test_diagnose_scale_rescales_each_group_to_the_reference_norms(tmp_path):
     torch.testing.assert_close(scaled[:, :2], feat[:, :2] / 3.0, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(scaled[:, 2:], feat[:, 2:], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(scaled, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_diagnose_scale_equal_norm_gives_every_group_the_same_norm(tmp_path):
+    """--equal-norm N: every group's mean norm per location becomes N / sqrt(groups), directions unchanged."""
+    import diagnose_scale
+    meta = dict(META, input_size=[96, 96])
+    features, out = str(tmp_path / "features.pt2"), str(tmp_path / "out.pt2")
+    data.save_extractor(small_net(), features, meta, (0, 0, 0), (1, 1, 1))
+    diagnose_scale.main(["--features", features, "--equal-norm", "6", "--out", out, "--images", "4"])
+    dataset = data.make_dataset("synth-faces", "train", size=96, normalize=False)
+    images = torch.stack([dataset[i]["image"] for i in range(4)])
+    with torch.no_grad():
+        feat, scaled = (data.load_extractor(p)(images) for p in (features, out))
+    for _, a, b in META["channel_groups"]:
+        assert scaled[:, a:b].norm(dim=1).mean().item() == pytest.approx(6 / 2 ** 0.5, rel=1e-4)
+        factor = scaled[:, a:b].norm() / feat[:, a:b].norm()  # one scalar per group
+        torch.testing.assert_close(scaled[:, a:b], feat[:, a:b] * factor, rtol=1e-4, atol=1e-5)
+    with pytest.raises(SystemExit):  # exactly one of --reference and --equal-norm
+        diagnose_scale.main(["--features", features, "--images", "4"])
