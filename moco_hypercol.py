@@ -48,8 +48,8 @@ Smallest run: `python moco_hypercol.py --epochs 1 --train-images 512 --name tiny
 summary line per epoch and stage, then runs/moco_hypercol/tiny/*.pt2, in a few minutes on 2 CPU cores. The
 default run (936 MoCo steps, 312 projector steps, NMF of 64 images) took 14.5 minutes on an idle 2-core CPU:
 MoCo 11 min (39-49 images/s; tests/bench_moco_hypercol.py measures the step), projector 2 min, NMF 1 min.
-What it gives on the built-in faces (MoCo's hypercolumn beats the random network's on the wild faces, not on
-the aligned ones) and why: README, section moco_hypercol.py.
+What it gives on the built-in faces (on the wild faces MoCo's hypercolumn beats the random network's and, with a
+longer regression, its own best layer; on the aligned faces neither) and why: README, section moco_hypercol.py.
 """
 import argparse
 import copy
