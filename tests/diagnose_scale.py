@@ -19,7 +19,7 @@ Run (one thread, ~20 s):
 then regress the copy with the same flags as the original (README, section moco_hypercol.py). A hypercolumn at
 the scale of its own layer1 (the layer1 norm that the first command prints, here for the wild faces' run):
     python tests/diagnose_scale.py --features runs/moco_hypercol/wild/hypercol.pt2 --dataset synth-faces-wild \
-        --equal-norm 12.5 --out runs/moco_hypercol/wild/hypercoleq.pt2
+        --equal-norm 12.68 --out runs/moco_hypercol/wild/hypercoleq.pt2
 """
 import argparse
 import os
