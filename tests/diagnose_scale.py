@@ -76,14 +76,15 @@ def main(argv=None):
             if [g[1:] for g in groups] != [g[1:] for g in reference.meta["channel_groups"]]:
                 sys.exit("--features and --reference must have the same channel groups (e.g. two hypercolumns)")
             target = group_statistics(reference(images).float(), groups)
-        else:  # the same target norm for every group, its std left blank
-            target = {name: (args.equal_norm / len(groups) ** 0.5, float("nan")) for name, _, _ in groups}
+        else:  # the same target norm for every group; there is no reference std to show
+            target = {name: (args.equal_norm / len(groups) ** 0.5, None) for name, _, _ in groups}
     scale = torch.ones(features.meta["channels"])
     print(f"{'group':8s} {'norm ref':>9s} {'norm feat':>9s} {'std ref':>8s} {'std feat':>8s} {'scale':>6s}")
     for name, a, b in groups:
         (norm_ref, std_ref), (norm, std) = target[name], stats[name]
         scale[a:b] = norm_ref / norm
-        print(f"{name:8s} {norm_ref:9.2f} {norm:9.2f} {std_ref:8.3f} {std:8.3f} {norm_ref / norm:6.3f}")
+        shown_ref = "-" if std_ref is None else f"{std_ref:.3f}"
+        print(f"{name:8s} {norm_ref:9.2f} {norm:9.2f} {shown_ref:>8s} {std:8.3f} {norm_ref / norm:6.3f}")
     if args.out:
         meta = {key: features.meta[key] for key in ("input_size", "kind", "method", "channel_groups")}
         meta["variant"] = features.meta["variant"] + "-rescaled"
