@@ -51,6 +51,12 @@ def group_statistics(features, groups):
             for name, a, b in groups}
 
 
+def first_images(dataset_name, size, n):
+    """The first n training images of a dataset at size x size, RGB in [0, 1]: (n, 3, size, size)."""
+    dataset = data.make_dataset(dataset_name, "train", size=size, normalize=False)
+    return torch.stack([dataset[i]["image"] for i in range(n)])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--features", required=True, help="extractor to inspect (and rescale with --out)")
@@ -65,9 +71,8 @@ def main(argv=None):
         parser.error("give one of --reference and --equal-norm")
     torch.set_num_threads(1)
     features = data.load_extractor(args.features)
-    size = features.meta["input_size"][0]  # the extractor was exported for square images of this side
-    dataset = data.make_dataset(args.dataset, "train", size=size, normalize=False)
-    images = torch.stack([dataset[i]["image"] for i in range(args.images)])  # (N, 3, size, size) in [0, 1]
+    # the extractor was exported for square images of side input_size[0]
+    images = first_images(args.dataset, features.meta["input_size"][0], args.images)
     groups = features.meta["channel_groups"]
     with torch.no_grad():
         stats = group_statistics(features(images).float(), groups)

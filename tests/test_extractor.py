@@ -96,12 +96,6 @@ def test_meta_round_trips_as_json(tmp_path):
 SCALE_META = dict(META, input_size=[96, 96])  # diagnose_scale.py renders the faces at the exported size
 
 
-def first_faces(n):
-    """The first n built-in training faces at 96 px, RGB in [0, 1]: the images diagnose_scale.py measures."""
-    dataset = data.make_dataset("synth-faces", "train", size=96, normalize=False)
-    return torch.stack([dataset[i]["image"] for i in range(n)])
-
-
 def test_diagnose_scale_rescales_each_group_to_the_reference_norms(tmp_path):
     """tests/diagnose_scale.py: one scalar per channel group, chosen so that each group's mean norm per
     location equals the reference's on the same images; everything else unchanged."""
@@ -114,8 +108,9 @@ def test_diagnose_scale_rescales_each_group_to_the_reference_norms(tmp_path):
         louder[3].bias[:2] *= 3.0
     data.save_extractor(louder, features, SCALE_META, (0, 0, 0), (1, 1, 1))
     diagnose_scale.main(["--reference", reference, "--features", features, "--out", out, "--images", "4"])
+    images = diagnose_scale.first_images("synth-faces", 96, 4)  # the images the script measured
     with torch.no_grad():
-        ref, feat, scaled = (data.load_extractor(p)(first_faces(4)) for p in (reference, features, out))
+        ref, feat, scaled = (data.load_extractor(p)(images) for p in (reference, features, out))
     torch.testing.assert_close(scaled[:, :2], feat[:, :2] / 3.0, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(scaled[:, 2:], feat[:, 2:], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(scaled, ref, rtol=1e-4, atol=1e-5)
@@ -127,8 +122,9 @@ def test_diagnose_scale_equal_norm_gives_every_group_the_same_norm(tmp_path):
     features, out = str(tmp_path / "features.pt2"), str(tmp_path / "out.pt2")
     data.save_extractor(small_net(), features, SCALE_META, (0, 0, 0), (1, 1, 1))
     diagnose_scale.main(["--features", features, "--equal-norm", "6", "--out", out, "--images", "4"])
+    images = diagnose_scale.first_images("synth-faces", 96, 4)
     with torch.no_grad():
-        feat, scaled = (data.load_extractor(p)(first_faces(4)) for p in (features, out))
+        feat, scaled = (data.load_extractor(p)(images) for p in (features, out))
     for _, a, b in META["channel_groups"]:
         assert scaled[:, a:b].norm(dim=1).mean().item() == pytest.approx(6 / 2 ** 0.5, rel=1e-4)
         factor = scaled[:, a:b].norm() / feat[:, a:b].norm()  # one scalar per group
