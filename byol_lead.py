@@ -75,9 +75,8 @@ and a summary line per epoch and stage, then runs/byol_lead/tiny/{hypercol,compa
 on 2 idle CPU cores (estimated from the default run's per-stage speeds; NMF's share does not shrink).
 The default run took 9 min on an idle 2-core CPU: stage 1 410 s (24 images/s, two views each), stage 2 90 s
 (28 images/s), NMF 32 s, exports and pictures the rest.
-What it gives on the built-in faces (compact features match better than NMF; the stage-1 hypercolumn beats the
-random network's on the wild faces after 8 stage-1 epochs, not on the aligned faces) and why: README, section
-byol_lead.py.
+What it gives (compact features match better than NMF; stage 1 beats the random network on the wild faces after
+8 epochs, not on the aligned faces) and why: README, section byol_lead.py.
 """
 import argparse
 import copy
