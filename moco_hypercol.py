@@ -36,7 +36,8 @@ Deviations, each deliberate:
   crop (scale 0.2-1), ColorJitter(0.4, 0.4, 0.4), PCA lighting noise (std 0.1); no flip, blur or TPS. The
   official code crops at 136 px and then cuts a 20 px border; our images arrive as the final 96 px crop, so the
   crop is taken from them directly. A view is a pure function of (seed, epoch, image index), drawn in the
-  data-loader workers: resume is exact.
+  data-loader workers: resume is exact. --moco-crop-min and --moco-jitter (defaults: the official 0.2 and 0.4)
+  exist for ablations of the two invariances; --moco-hue and --moco-grayscale add MoCo v1's.
 - The cosine schedule steps every iteration rather than every epoch (runs here last a few epochs).
 - Projector: the paper describes a linear map; the official code adds a per-channel spatial softmax of
   7 x output: off by default, --proj-softmax turns it on. The loss keeps the official distance ||u - v||^0.5
@@ -112,6 +113,10 @@ def get_args(argv=None):
         "lower it for short runs so that the keys keep up with the queries")
     add("--moco-bn-splits", type=int, default=2, help="sub-batches with their own batch norm (single-device "
         "shuffle BN); 1 lets a query and its key share statistics")
+    add("--moco-crop-min", type=float, default=0.2, help="smallest area fraction of the random resized crop "
+        "(official 0.2; 1 keeps the whole image: an ablation of the crop invariance)")
+    add("--moco-jitter", type=float, default=0.4, help="brightness, contrast and saturation jitter of the views "
+        "(official 0.4; 0 turns it off: an ablation of the colour invariance)")
     add("--moco-hue", type=float, default=0.0, help="hue jitter of the views (MoCo v1: 0.4; the official views have "
         "none): removes the colour shortcut of instance discrimination")
     add("--moco-grayscale", type=float, default=0.0, help="probability of a grayscale view (MoCo v1: 0.2; the "
@@ -272,10 +277,11 @@ PCA_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])  # ImageNet's RGB principal 
 PCA_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
 
 
-def moco_view(image, size, g, hue=0.0, grayscale=0.0):
+def moco_view(image, size, g, crop_min=0.2, jitter=0.4, hue=0.0, grayscale=0.0):
     """A random view of a uint8 (3, H, W) image drawn with the generator g, in the official order: JPEG noise,
-    random resized crop, colour jitter, PCA lighting noise. Returns float (3, size, size), about [0, 1].
-    `hue` > 0 adds hue jitter and `grayscale` > 0 random grayscale, as MoCo v1 (not in the official views)."""
+    random resized crop (area fraction crop_min-1), colour jitter of strength `jitter`, PCA lighting noise.
+    Returns float (3, size, size), about [0, 1]. The defaults are the official views; `hue` > 0 adds hue jitter
+    and `grayscale` > 0 random grayscale, as MoCo v1."""
     uniform = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g).item()  # noqa: E731
     _, height, width = image.shape
     # DVE's JPEG noise: rescale to a random size (at least 0.8x), compress at quality 30-98, rescale back (with
@@ -284,18 +290,19 @@ def moco_view(image, size, g, hue=0.0, grayscale=0.0):
     buffer = io.BytesIO()
     TF.to_pil_image(image).resize((side, side), Image.BILINEAR).save(buffer, "JPEG", quality=int(uniform(30, 99)))
     image = TF.pil_to_tensor(Image.open(buffer).resize((width, height), Image.BILINEAR))
-    box = (0, 0, height, width)  # torchvision's RandomResizedCrop(scale 0.2-1): 10 tries, then the whole image
+    box = (0, 0, height, width)  # torchvision's RandomResizedCrop(scale crop_min-1): 10 tries, then the whole image
     for _ in range(10):
-        area, ratio = height * width * uniform(0.2, 1), np.exp(uniform(np.log(3 / 4), np.log(4 / 3)))
+        area, ratio = height * width * uniform(crop_min, 1), np.exp(uniform(np.log(3 / 4), np.log(4 / 3)))
         w, h = round((area * ratio) ** 0.5), round((area / ratio) ** 0.5)
         if w <= width and h <= height:
             box = (int(uniform(0, height - h + 1)), int(uniform(0, width - w + 1)), h, w)
             break
     image = TF.resized_crop(image, *box, [size, size], antialias=True).float() / 255
-    jitter = [(TF.adjust_brightness, 0.6, 1.4), (TF.adjust_contrast, 0.6, 1.4), (TF.adjust_saturation, 0.6, 1.4),
-              (TF.adjust_hue, -hue, hue)][:4 if hue else 3]  # ColorJitter(0.4, 0.4, 0.4[, hue]), random order
-    for i in torch.randperm(len(jitter), generator=g).tolist():
-        adjust, low, high = jitter[i]
+    adjustments = [(TF.adjust_brightness, 1 - jitter, 1 + jitter), (TF.adjust_contrast, 1 - jitter, 1 + jitter),
+                   (TF.adjust_saturation, 1 - jitter, 1 + jitter),
+                   (TF.adjust_hue, -hue, hue)][:4 if hue else 3]  # ColorJitter(jitter x 3[, hue]), random order
+    for i in torch.randperm(len(adjustments), generator=g).tolist():
+        adjust, low, high = adjustments[i]
         image = adjust(image, uniform(low, high))
     if uniform(0, 1) < grayscale:
         image = TF.rgb_to_grayscale(image, num_output_channels=3)
@@ -307,8 +314,9 @@ class TwoViews(torch.utils.data.Dataset):
     """Two normalised views (query, key) of each image. The views of image i in epoch e depend on (seed, e, i)
     only, whichever worker draws them: this is what makes --resume exact."""
 
-    def __init__(self, dataset, size, mean, std, seed, hue=0.0, grayscale=0.0):
-        self.dataset, self.size, self.seed, self.epoch, self.colour = dataset, size, seed, 0, (hue, grayscale)
+    def __init__(self, dataset, size, mean, std, seed, crop_min=0.2, jitter=0.4, hue=0.0, grayscale=0.0):
+        self.dataset, self.size, self.seed, self.epoch = dataset, size, seed, 0
+        self.view_args = (crop_min, jitter, hue, grayscale)
         self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
 
     def __len__(self):
@@ -317,7 +325,7 @@ class TwoViews(torch.utils.data.Dataset):
     def __getitem__(self, i):
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
         image = (self.dataset[i]["image"] * 255).round().to(torch.uint8)  # RGB in [0, 1] -> uint8
-        query, key = [(moco_view(image, self.size, g, *self.colour) - self.mean) / self.std for _ in range(2)]
+        query, key = [(moco_view(image, self.size, g, *self.view_args) - self.mean) / self.std for _ in range(2)]
         return {"query": query, "key": key}  # 3 x size x size each
 
 
@@ -517,7 +525,8 @@ def main(argv=None):
             queue.push(k)  # the newest keys replace the oldest negatives
             return loss.item()
 
-        views = TwoViews(train_set, args.image_size, info.mean, info.std, args.seed, args.moco_hue, args.moco_grayscale)
+        views = TwoViews(train_set, args.image_size, info.mean, info.std, args.seed, args.moco_crop_min,
+                         args.moco_jitter, args.moco_hue, args.moco_grayscale)
         state = {"model": model, "key_model": key_model, "queue": queue, "optimizer": optimizer,
                  "scheduler": scheduler}
         if not fit(args, "pretrain", run, views, moco_step, state, args.epochs, args.batch_size):

@@ -121,6 +121,19 @@ def test_views_depend_only_on_seed_epoch_and_index():
     assert not torch.equal(views[1]["query"], a["query"])
 
 
+def test_view_ablation_flags_keep_the_whole_image_and_its_colours():
+    """--moco-crop-min 1 --moco-jitter 0: a view is the whole image up to JPEG noise and a colour offset (PCA
+    lighting); the official views crop (area 0.2-1), which changes a horizontal ramp's slope."""
+    ramp = torch.linspace(0, 255, 64).round().to(torch.uint8).view(1, 1, 64).expand(3, 64, 64).contiguous()
+    centred = lambda x: x - x.mean(dim=(1, 2), keepdim=True)  # noqa: E731 (removes the lighting offset)
+    errors = {}
+    for name, flags in (("ablated", {"crop_min": 1.0, "jitter": 0.0}), ("official", {})):
+        errors[name] = [(centred(mh.moco_view(ramp, 64, torch.Generator().manual_seed(s), **flags))
+                         - centred(ramp.float() / 255)).abs().mean().item() for s in range(6)]
+    assert max(errors["ablated"]) < 0.01  # measured at most 0.005
+    assert max(errors["official"]) > 0.05  # measured 0.01-0.13
+
+
 def test_stages_resume_export_and_evaluate(tmp_path):
     path = run(tmp_path, "--epochs", "1", "--stop-after-steps", "1")  # interrupted in the middle of pretraining
     assert not os.path.exists(os.path.join(path, "hypercol.pt2"))
