@@ -131,3 +131,36 @@ def test_diagnose_scale_equal_norm_gives_every_group_the_same_norm(tmp_path):
         torch.testing.assert_close(scaled[:, a:b], feat[:, a:b] * factor, rtol=1e-4, atol=1e-5)
     with pytest.raises(SystemExit):  # exactly one of --reference and --equal-norm
         diagnose_scale.main(["--features", features, "--images", "4"])
+
+
+def test_diagnose_variance_parts_add_up_and_separate_position_image_and_local():
+    """tests/diagnose_variance.py: the three parts are orthogonal, so their variances add up to the total; a map
+    that is the same in every image is all position, one constant per image all image, and the local part of a
+    signal in r independent directions has an effective rank of about r."""
+    import diagnose_variance
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(5, 3, 4, 6, generator=g) + torch.randn(1, 3, 4, 6, generator=g) \
+        + torch.randn(5, 3, 1, 1, generator=g)
+    parts, local = diagnose_variance.variance_parts(features)
+    assert parts["position"] + parts["image"] + parts["local"] == pytest.approx(parts["total"], rel=1e-9)
+    assert local.shape == (5 * 4 * 6, 3)
+    torch.testing.assert_close(local.mean(dim=0), torch.zeros(3, dtype=torch.float64), rtol=0, atol=1e-12)
+    position_only = torch.randn(1, 3, 4, 6, generator=g).expand(5, 3, 4, 6)
+    image_only = torch.randn(5, 3, 1, 1, generator=g).expand(5, 3, 4, 6)
+    for tensor, key in ((position_only, "position"), (image_only, "image")):
+        parts, _ = diagnose_variance.variance_parts(tensor)
+        assert parts[key] == pytest.approx(parts["total"], rel=1e-9)
+    rank2 = torch.randn(4000, 2, generator=g).double() @ torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]).double()
+    assert diagnose_variance.effective_rank(rank2 - rank2.mean(dim=0)) == pytest.approx(2, rel=0.05)
+
+
+def test_diagnose_variance_runs_on_an_exported_extractor(tmp_path, capsys):
+    import diagnose_variance
+    path = str(tmp_path / "features.pt2")
+    data.save_extractor(small_net(), path, SCALE_META, (0, 0, 0), (1, 1, 1))
+    diagnose_variance.main(["--features", path, "--images", "3"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[1] for line in lines[1:]] == ["a", "b", "all"]  # both groups, then all channels
+    for line in lines[1:]:
+        position, image, local = (float(x) for x in line.split()[4:7])
+        assert position + image + local == pytest.approx(1, abs=2e-3)  # shares printed to 3 decimals
