@@ -19,19 +19,42 @@ For each extractor it prints, per channel group and for all channels, the share 
 part, and the effective rank of the local part (exp of the entropy of its covariance's normalised eigenvalues:
 how many directions it really uses).
 
-Run (one thread, ~1 min for three 960-d hypercolumns on 64 images):
+With --out, it writes a copy of one extractor with its position part (measured on the --images training
+images) subtracted at every location: the head then sees the same images without "where a location is on
+average". A linear head with weights shared across locations cannot undo this, so regressing the copy tests
+how much of a score the position part carries.
+
+Run (one thread, ~1 min per 960-d hypercolumn on 64 images):
     python tests/diagnose_variance.py --features runs/moco_hypercol/random/hypercol.pt2 \
         runs/moco_hypercol/default/hypercol.pt2 runs/byol_lead/default/hypercol.pt2
+    python tests/diagnose_variance.py --features runs/moco_hypercol/random/hypercol.pt2 \
+        --out runs/moco_hypercol/random/hypercolnopos.pt2
+then regress the copy with the same flags as the original (README, section moco_hypercol.py).
 """
 import argparse
 import os
 import sys
 
 import torch
+from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 from diagnose_scale import first_images  # noqa: E402
+
+
+class PositionRemoved(nn.Module):
+    """An extractor minus a fixed (C, h, w) map: its position part, so that every location's mean is the grand
+    mean."""
+
+    def __init__(self, extractor_module, position):
+        super().__init__()
+        # a plain list: a module loaded from torch.export cannot be switched to eval mode by a parent module
+        self.inner = [extractor_module]
+        self.register_buffer("position", position.unsqueeze(0))  # 1 x C x h x w
+
+    def forward(self, images):
+        return self.inner[0](images) - self.position
 
 
 def variance_parts(features):
@@ -61,7 +84,11 @@ def main(argv=None):
     parser.add_argument("--features", nargs="+", required=True, help="extractors (.pt2) to compare")
     parser.add_argument("--dataset", default="synth-faces", choices=list(data.DATASETS))
     parser.add_argument("--images", type=int, default=64, help="training images the variances are taken on")
+    parser.add_argument("--out", default=None, help="write a copy of the (single) --features extractor with its "
+                        "position part subtracted here (.pt2)")
     args = parser.parse_args(argv)
+    if args.out and len(args.features) != 1:
+        parser.error("--out needs exactly one --features file")
     torch.set_num_threads(1)
     print(f"{'features':44s} {'group':8s} {'channels':>8s} {'total':>9s} {'position':>8s} {'image':>6s} "
           f"{'local':>6s} {'rank local':>10s}")
@@ -70,13 +97,21 @@ def main(argv=None):
         images = first_images(args.dataset, extractor.meta["input_size"][0], args.images)
         with torch.no_grad():
             features = extractor(images).float()
-        groups = extractor.meta.get("channel_groups") or []
+        groups = extractor.meta["channel_groups"]
         rows = [(name, a, b) for name, a, b in groups] + [("all", 0, features.shape[1])] * (len(groups) != 1)
         for name, a, b in rows:
             parts, local = variance_parts(features[:, a:b])
             shares = [parts[key] / parts["total"] for key in ("position", "image", "local")]
             print(f"{path[-44:]:44s} {name:8s} {b - a:8d} {parts['total']:9.2f} {shares[0]:8.3f} {shares[1]:6.3f} "
                   f"{shares[2]:6.3f} {effective_rank(local):10.1f}")
+    if args.out:
+        position = features.mean(dim=0) - features.mean(dim=(0, 2, 3)).view(-1, 1, 1)  # C x h x w
+        meta = {key: extractor.meta[key] for key in ("input_size", "kind", "method", "channel_groups")}
+        meta["variant"] = extractor.meta["variant"] + "-nopos"
+        # the loaded module already normalises its input: the wrapper's own normalisation is the identity
+        data.save_extractor(PositionRemoved(extractor.module, position), args.out, meta, (0.0, 0.0, 0.0),
+                            (1.0, 1.0, 1.0))
+        print(f"wrote {args.out}: {path} minus its position part on {args.images} training images")
 
 
 if __name__ == "__main__":

@@ -164,3 +164,21 @@ def test_diagnose_variance_runs_on_an_exported_extractor(tmp_path, capsys):
     for line in lines[1:]:
         position, image, local = (float(x) for x in line.split()[4:7])
         assert position + image + local == pytest.approx(1, abs=2e-3)  # shares printed to 3 decimals
+
+
+def test_diagnose_variance_out_removes_the_position_part_only(tmp_path):
+    """--out: on the images it was measured on, the copy has no position part and the same image and local parts
+    (the same features minus one fixed map)."""
+    import diagnose_variance
+    features, out = str(tmp_path / "features.pt2"), str(tmp_path / "out.pt2")
+    data.save_extractor(small_net(), features, SCALE_META, (0, 0, 0), (1, 1, 1))
+    diagnose_variance.main(["--features", features, "--images", "3", "--out", out])
+    images = diagnose_variance.first_images("synth-faces", 96, 3)  # the images it measured
+    with torch.no_grad():
+        before, after = (diagnose_variance.variance_parts(data.load_extractor(p)(images))[0] for p in (features, out))
+    assert before["position"] > 0.05 * before["total"]
+    assert after["position"] == pytest.approx(0, abs=1e-6 * before["total"])
+    for key in ("image", "local"):
+        assert after[key] == pytest.approx(before[key], rel=1e-4)
+    with pytest.raises(SystemExit):  # --out takes one extractor
+        diagnose_variance.main(["--features", features, features, "--images", "3", "--out", out])
