@@ -32,17 +32,27 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 
 
-class GroupScaled(nn.Module):
-    """An extractor followed by one multiplier per channel (constant within each channel group)."""
+class Adjusted(nn.Module):
+    """An extractor followed by a fixed per-channel multiplier and a fixed map subtracted: features * scale - shift
+    (scale (C,), shift (C, h, w)); the copies these diagnostics write."""
 
-    def __init__(self, extractor_module, scale):
+    def __init__(self, extractor_module, scale, shift):
         super().__init__()
         # a plain list: a module loaded from torch.export cannot be switched to eval mode by a parent module
         self.inner = [extractor_module]
         self.register_buffer("scale", scale.view(1, -1, 1, 1))
+        self.register_buffer("shift", shift.unsqueeze(0))  # 1 x C x h x w
 
     def forward(self, images):
-        return self.inner[0](images) * self.scale
+        return self.inner[0](images) * self.scale - self.shift
+
+
+def save_adjusted_copy(extractor, out, scale, shift, variant_suffix):
+    """Export `extractor` (from data.load_extractor) * scale - shift to `out`, with its meta and a new variant."""
+    meta = {key: extractor.meta[key] for key in ("input_size", "kind", "method", "channel_groups")}
+    meta["variant"] = extractor.meta["variant"] + variant_suffix
+    # the loaded module already normalises its input: the copy's own normalisation is the identity
+    data.save_extractor(Adjusted(extractor.module, scale, shift), out, meta, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 
 def group_statistics(features, groups):
@@ -91,10 +101,8 @@ def main(argv=None):
         shown_ref = "-" if std_ref is None else f"{std_ref:.3f}"
         print(f"{name:8s} {norm_ref:9.2f} {norm:9.2f} {shown_ref:>8s} {std:8.3f} {norm_ref / norm:6.3f}")
     if args.out:
-        meta = {key: features.meta[key] for key in ("input_size", "kind", "method", "channel_groups")}
-        meta["variant"] = features.meta["variant"] + "-rescaled"
-        # the loaded module already normalises its input: the wrapper's own normalisation is the identity
-        data.save_extractor(GroupScaled(features.module, scale), args.out, meta, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        shift = torch.zeros(features.meta["channels"], *features.meta["output_size"])
+        save_adjusted_copy(features, args.out, scale, shift, "-rescaled")
         target_name = f"{args.reference}'s mean norms" if args.reference else f"norm {args.equal_norm:g} in all"
         print(f"wrote {args.out}: {args.features} with its groups rescaled to {target_name}")
 

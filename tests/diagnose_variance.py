@@ -36,25 +36,10 @@ import os
 import sys
 
 import torch
-from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-from diagnose_scale import first_images  # noqa: E402
-
-
-class PositionRemoved(nn.Module):
-    """An extractor minus a fixed (C, h, w) map: its position part, so that every location's mean is the grand
-    mean."""
-
-    def __init__(self, extractor_module, position):
-        super().__init__()
-        # a plain list: a module loaded from torch.export cannot be switched to eval mode by a parent module
-        self.inner = [extractor_module]
-        self.register_buffer("position", position.unsqueeze(0))  # 1 x C x h x w
-
-    def forward(self, images):
-        return self.inner[0](images) - self.position
+from diagnose_scale import first_images, save_adjusted_copy  # noqa: E402
 
 
 def variance_parts(features):
@@ -106,11 +91,7 @@ def main(argv=None):
                   f"{shares[2]:6.3f} {effective_rank(local):10.1f}")
     if args.out:
         position = features.mean(dim=0) - features.mean(dim=(0, 2, 3)).view(-1, 1, 1)  # C x h x w
-        meta = {key: extractor.meta[key] for key in ("input_size", "kind", "method", "channel_groups")}
-        meta["variant"] = extractor.meta["variant"] + "-nopos"
-        # the loaded module already normalises its input: the wrapper's own normalisation is the identity
-        data.save_extractor(PositionRemoved(extractor.module, position), args.out, meta, (0.0, 0.0, 0.0),
-                            (1.0, 1.0, 1.0))
+        save_adjusted_copy(extractor, args.out, torch.ones(len(position)), position, "-nopos")
         print(f"wrote {args.out}: {path} minus its position part on {args.images} training images")
 
 
