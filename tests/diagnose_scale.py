@@ -34,14 +34,14 @@ import data  # noqa: E402
 
 class Adjusted(nn.Module):
     """An extractor followed by a fixed per-channel multiplier and a fixed map subtracted: features * scale - shift
-    (scale (C,), shift (C, h, w)); the copies these diagnostics write."""
+    (scale (C,), shift (C, h, w) or (C, 1, 1)); the copies these diagnostics write."""
 
     def __init__(self, extractor_module, scale, shift):
         super().__init__()
         # a plain list: a module loaded from torch.export cannot be switched to eval mode by a parent module
         self.inner = [extractor_module]
         self.register_buffer("scale", scale.view(1, -1, 1, 1))
-        self.register_buffer("shift", shift.unsqueeze(0))  # 1 x C x h x w
+        self.register_buffer("shift", shift.unsqueeze(0))  # 1 x C x h x w, or 1 x C x 1 x 1
 
     def forward(self, images):
         return self.inner[0](images) * self.scale - self.shift
@@ -101,8 +101,7 @@ def main(argv=None):
         shown_ref = "-" if std_ref is None else f"{std_ref:.3f}"
         print(f"{name:8s} {norm_ref:9.2f} {norm:9.2f} {shown_ref:>8s} {std:8.3f} {norm_ref / norm:6.3f}")
     if args.out:
-        shift = torch.zeros(features.meta["channels"], *features.meta["output_size"])
-        save_adjusted_copy(features, args.out, scale, shift, "-rescaled")
+        save_adjusted_copy(features, args.out, scale, torch.zeros(len(scale), 1, 1), "-rescaled")
         target_name = f"{args.reference}'s mean norms" if args.reference else f"norm {args.equal_norm:g} in all"
         print(f"wrote {args.out}: {args.features} with its groups rescaled to {target_name}")
 

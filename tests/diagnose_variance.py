@@ -42,12 +42,17 @@ import data  # noqa: E402
 from diagnose_scale import first_images, save_adjusted_copy  # noqa: E402
 
 
+def position_part(features):
+    """features (N, C, h, w) -> (C, h, w): the mean over images at each location minus the grand mean."""
+    return features.mean(dim=0) - features.mean(dim=(0, 2, 3)).view(-1, 1, 1)
+
+
 def variance_parts(features):
     """features (N, C, h, w) -> dict of summed-over-channels variances: total, position, image, local, and the
     local part itself as (N * h * w, C) for its spectrum."""
     f = features.flatten(2).double()  # N x C x L
     grand = f.mean(dim=(0, 2), keepdim=True)  # 1 x C x 1
-    position = f.mean(dim=0, keepdim=True) - grand  # 1 x C x L
+    position = position_part(features.double()).flatten(1).unsqueeze(0)  # 1 x C x L
     image = f.mean(dim=2, keepdim=True) - grand  # N x C x 1
     local = f - grand - position - image  # N x C x L
     parts = {"total": (f - grand).pow(2).mean(dim=(0, 2)).sum().item(),
@@ -83,14 +88,16 @@ def main(argv=None):
         with torch.no_grad():
             features = extractor(images).float()
         groups = extractor.meta["channel_groups"]
-        rows = [(name, a, b) for name, a, b in groups] + [("all", 0, features.shape[1])] * (len(groups) != 1)
+        rows = [(name, a, b) for name, a, b in groups]
+        if len(groups) != 1:
+            rows.append(("all", 0, features.shape[1]))
         for name, a, b in rows:
             parts, local = variance_parts(features[:, a:b])
             shares = [parts[key] / parts["total"] for key in ("position", "image", "local")]
             print(f"{path[-44:]:44s} {name:8s} {b - a:8d} {parts['total']:9.2f} {shares[0]:8.3f} {shares[1]:6.3f} "
                   f"{shares[2]:6.3f} {effective_rank(local):10.1f}")
     if args.out:
-        position = features.mean(dim=0) - features.mean(dim=(0, 2, 3)).view(-1, 1, 1)  # C x h x w
+        position = position_part(features)  # C x h x w
         save_adjusted_copy(extractor, args.out, torch.ones(len(position)), position, "-nopos")
         print(f"wrote {args.out}: {path} minus its position part on {args.images} training images")
 
