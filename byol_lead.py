@@ -65,6 +65,9 @@ Open choices (the paper does not say) and deviations, each deliberate:
   errors (match.py, 70x70 px) of 11.64 (views), 13.36 (both) and 17.59 (batch); same identity 8.31 / 8.93 /
   11.35 (not ablated further; a plausible reason: a warp of the same face gives the teacher two maps that
   agree location by location, while two different faces need a teacher that already matches across people).
+- --lead-zoom Z (not in the paper; default 1, off) also zooms each warped copy out about its centre by a factor
+  drawn in [1, Z]: an ablation that asks whether LEAD's distillation can pass scale equivariance on to the
+  compact features (README, the scale test of Sec. 4.4). The paper's pairs have no such zoom.
 - compact.pt2 resizes the 24x24 decoder output bilinearly to the exports' 48x48 grid, so that hypercol, nmf
   and compact are compared on the same grid (matching quantises predictions to it); resizing adds nothing.
 - NMF: as moco_hypercol.py (multiplicative updates on the 24x24 hypercolumns of --nmf-images images; the
@@ -149,6 +152,8 @@ def get_args(argv=None):
     add("--lead-dim", type=int, default=64, help="channels of the compact features (paper 64)")
     add("--lead-pairs", default="views", choices=["batch", "views", "both"], help="what x_j of Eq. 3 is: "
         "the next image of the batch, a TPS-warped copy of x_i, or both sets of pairs")
+    add("--lead-zoom", type=float, default=1.0, help="not in the paper, for the scale test of Sec. 4.4: also "
+        "zoom each warped copy out by a factor drawn in [1, LEAD_ZOOM] (1: no zoom, the paper's pairs)")
     add("--lead-chunk", type=int, default=144, help="rows of the similarity matrices computed at a time "
         "(checkpointed); lower it if stage 2 runs out of memory, 0: all at once")
     add("--nmf-k", type=int, default=64, help="NMF components (64: the compact features' size, as Tab. 1)")
@@ -158,6 +163,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.lead_chunk < 0 or args.byol_warmup < 0 or args.lead_warmup < 0:
         p.error("--lead-chunk, --byol-warmup and --lead-warmup cannot be negative")
+    if args.lead_zoom < 1 or (args.lead_zoom > 1 and args.lead_pairs == "batch"):
+        p.error("--lead-zoom must be >= 1 and needs warped pairs (--lead-pairs views or both)")
     return args
 
 
@@ -390,10 +397,11 @@ class ByolViews(torch.utils.data.Dataset):
 
 class LeadPairs(torch.utils.data.Dataset):
     """Stage-2 inputs: the RGB image in [0, 1] and, with `warp`, a random TPS warp of it (x_j of the views
-    pairs), a function of (seed, epoch, index) only."""
+    pairs), a function of (seed, epoch, index) only. zoom > 1 (--lead-zoom, not in the paper) also shrinks the
+    warped copy about its centre by a factor drawn uniformly in [1, zoom]."""
 
-    def __init__(self, dataset, seed, warp):
-        self.dataset, self.seed, self.warp, self.epoch = dataset, seed, warp, 0
+    def __init__(self, dataset, seed, warp, zoom=1.0):
+        self.dataset, self.seed, self.warp, self.zoom, self.epoch = dataset, seed, warp, zoom, 0
 
     def __len__(self):
         return len(self.dataset)
@@ -403,8 +411,11 @@ class LeadPairs(torch.utils.data.Dataset):
         if not self.warp:
             return {"image": image}
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
-        warped = data.warp_images(image[None], data.random_tps(1, "pair", generator=g))[0]  # zeros outside
-        return {"image": image, "warped": warped}
+        warped = data.warp_images(image[None], data.random_tps(1, "pair", generator=g))  # zeros outside
+        if self.zoom > 1:  # drawn after the warp: without --lead-zoom the pairs are the same as before it
+            factor = 1 + (self.zoom - 1) * torch.rand(1, generator=g)
+            warped = data.warp_images(warped, data.zoom_out(1, factor))
+        return {"image": image, "warped": warped[0]}
 
 
 # =========================================================================================================
@@ -659,7 +670,7 @@ def main(argv=None):
             scheduler.step()
             return loss.item()
 
-        pairs_set = LeadPairs(lead_set, args.seed, warp=args.lead_pairs != "batch")
+        pairs_set = LeadPairs(lead_set, args.seed, warp=args.lead_pairs != "batch", zoom=args.lead_zoom)
         state = {"decoder": compact.decoder, "head": head, "optimizer": optimizer, "scheduler": scheduler}
         if not fit(args, "stage2", run, pairs_set, lead_step, state, args.lead_epochs, args.batch_size):
             return

@@ -134,6 +134,17 @@ def test_views_and_pairs_depend_only_on_seed_epoch_and_index():
     assert torch.equal(pairs[2]["warped"], b["warped"])
 
 
+def test_lead_zoom_shrinks_the_warped_copy_and_leaves_the_default_pairs_alone():
+    ones = [{"image": torch.ones(3, 64, 64)}] * 8  # the warped copy's non-zero area is its content's area
+    plain, zoomed = (bl.LeadPairs(ones, seed=3, warp=True, zoom=zoom) for zoom in (1.0, 2.0))
+    assert torch.equal(bl.LeadPairs(ones, seed=3, warp=True)[5]["warped"], plain[5]["warped"])
+    for i in range(8):
+        area, shrunk = plain[i]["warped"].mean().item(), zoomed[i]["warped"].mean().item()
+        assert area / 4 - 0.02 < shrunk <= area  # the same warp, then shrunk by a factor in [1, 2]
+    factors = [(plain[i]["warped"].mean() / zoomed[i]["warped"].mean()).sqrt().item() for i in range(8)]
+    assert max(factors) - min(factors) > 0.2  # drawn, not fixed
+
+
 def test_stages_resume_export_and_evaluate(tmp_path):
     path = run(tmp_path, "--stop-after-steps", "1")  # interrupted in the middle of stage 1
     assert not os.path.exists(os.path.join(path, "hypercol.pt2"))
