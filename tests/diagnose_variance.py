@@ -50,9 +50,10 @@ def position_part(features):
 def variance_parts(features):
     """features (N, C, h, w) -> dict of summed-over-channels variances: total, position, image, local, and the
     local part itself as (N * h * w, C) for its spectrum."""
-    f = features.flatten(2).double()  # N x C x L
+    d = features.double()  # one float64 copy (1.1 GB for 64 hypercolumns of 960 x 48 x 48)
+    f = d.flatten(2)  # N x C x L, a view
     grand = f.mean(dim=(0, 2), keepdim=True)  # 1 x C x 1
-    position = position_part(features.double()).flatten(1).unsqueeze(0)  # 1 x C x L
+    position = position_part(d).flatten(1).unsqueeze(0)  # 1 x C x L
     image = f.mean(dim=2, keepdim=True) - grand  # N x C x 1
     local = f - grand - position - image  # N x C x L
     parts = {"total": (f - grand).pow(2).mean(dim=(0, 2)).sum().item(),
