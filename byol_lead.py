@@ -413,11 +413,10 @@ class LeadPairs(torch.utils.data.Dataset):
         if not self.warp:
             return {"image": image}
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
-        warped = data.warp_images(image[None], data.random_tps(1, "pair", generator=g))  # zeros outside
-        if self.zoom > 1:  # drawn after the warp: without --lead-zoom the pairs are the same as before it
-            factor = 1 + (self.zoom - 1) * torch.rand(1, generator=g)
-            warped = data.warp_images(warped, data.zoom_out(1, factor))
-        return {"image": image, "warped": warped[0]}
+        warp = data.random_tps(1, "pair", generator=g)
+        if self.zoom > 1:  # drawn after the TPS: without --lead-zoom the pairs are the same as before it
+            warp = warp.then(data.zoom_out(1, 1 + (self.zoom - 1) * torch.rand(1, generator=g)))
+        return {"image": image, "warped": data.warp_images(image[None], warp)[0]}  # one resampling; zeros outside
 
 
 # =========================================================================================================

@@ -145,6 +145,12 @@ def test_lead_zoom_shrinks_the_warped_copy_and_leaves_the_default_pairs_alone():
         assert area / 4 - 0.02 < shrunk <= area  # the same warp, then shrunk by a factor in [1, 2]
     factors = [(plain[i]["warped"].mean() / zoomed[i]["warped"].mean()).sqrt().item() for i in range(8)]
     assert max(factors) - min(factors) > 0.2  # drawn, not fixed
+    noise = [{"image": torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))}]
+    g = torch.Generator().manual_seed(3 * 1_000_003 * 10_000_019)  # seed 3, epoch 0, index 0
+    warp = data.random_tps(1, "pair", generator=g)
+    warp = warp.then(data.zoom_out(1, 1 + torch.rand(1, generator=g)))  # drawn after the TPS, factor in [1, 2]
+    once = data.warp_images(noise[0]["image"][None], warp)[0]  # TPS and zoom composed: resampled once
+    assert torch.allclose(bl.LeadPairs(noise, seed=3, warp=True, zoom=2.0)[0]["warped"], once, atol=1e-5)
 
 
 def test_stages_resume_export_and_evaluate(tmp_path):
