@@ -70,7 +70,8 @@ Open choices (the paper does not say) and deviations, each deliberate:
   compact features (README, the scale test of Sec. 4.4). The paper's pairs have no such zoom. The zoom is
   composed with the TPS, so the copy is resampled once. Measured on the wild faces over four stage-2 seeds:
   what the unseen scales cost the compact features falls from 30.2 +- 3.9 to 24.5 +- 6.8 IOD points (10
-  regression epochs), to the hypercolumn's 22.9, not below, within the seeds' spread; 2.4 points at the seen scales.
+  regression epochs), to the hypercolumn's level (22.9 and 30.7 at two regression seeds), within the seeds'
+  spread; it costs 2.4 points at the seen scales.
 - compact.pt2 resizes the 24x24 decoder output bilinearly to the exports' 48x48 grid, so that hypercol, nmf
   and compact are compared on the same grid (matching quantises predictions to it); resizing adds nothing.
 - NMF: as moco_hypercol.py (multiplicative updates on the 24x24 hypercolumns of --nmf-images images; the
