@@ -380,6 +380,12 @@ def byol_view(image, size, g, blur, solarize):
     return image
 
 
+def sample_generator(seed, epoch, index):
+    """The generator of sample `index` in `epoch`: every random draw of a sample is a function of (seed, epoch,
+    index) only, so a resumed run draws the same ones as an uninterrupted run."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + index)
+
+
 class ByolViews(torch.utils.data.Dataset):
     """BYOL's two normalised views of each image: view1 from t (blur 1.0, no solarisation), view2 from t'
     (blur 0.1, solarisation 0.2). The views of image i in epoch e depend on (seed, e, i) only."""
@@ -392,7 +398,7 @@ class ByolViews(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+        g = sample_generator(self.seed, self.epoch, i)
         image = (self.dataset[i]["image"] * 255).round().to(torch.uint8)  # RGB in [0, 1] -> uint8
         view1, view2 = [(byol_view(image, self.size, g, blur, solarize) - self.mean) / self.std
                         for blur, solarize in ((1.0, 0.0), (0.1, 0.2))]
@@ -414,7 +420,7 @@ class LeadPairs(torch.utils.data.Dataset):
         image = self.dataset[i]["image"]  # 3 x S x S
         if not self.warp:
             return {"image": image}
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+        g = sample_generator(self.seed, self.epoch, i)
         warp = data.random_tps(1, "pair", generator=g)
         if self.zoom > 1:  # drawn after the TPS: without --lead-zoom the pairs are the same as before it
             warp = warp.then(data.zoom_out(1, 1 + (self.zoom - 1) * torch.rand(1, generator=g)))

@@ -310,6 +310,12 @@ def moco_view(image, size, g, crop_min=0.2, jitter=0.4, hue=0.0, grayscale=0.0):
     return image + (PCA_EIGVEC @ (alpha * PCA_EIGVAL)).view(3, 1, 1)
 
 
+def sample_generator(seed, epoch, index):
+    """The generator of sample `index` in `epoch`: every random draw of a sample is a function of (seed, epoch,
+    index) only, so a resumed run draws the same ones as an uninterrupted run."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + index)
+
+
 class TwoViews(torch.utils.data.Dataset):
     """Two normalised views (query, key) of each image. The views of image i in epoch e depend on (seed, e, i)
     only, whichever worker draws them: this is what makes --resume exact."""
@@ -323,7 +329,7 @@ class TwoViews(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+        g = sample_generator(self.seed, self.epoch, i)
         image = (self.dataset[i]["image"] * 255).round().to(torch.uint8)  # RGB in [0, 1] -> uint8
         query, key = [(moco_view(image, self.size, g, *self.view_args) - self.mean) / self.std for _ in range(2)]
         return {"query": query, "key": key}  # 3 x size x size each

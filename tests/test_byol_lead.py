@@ -137,7 +137,7 @@ def test_views_and_pairs_depend_only_on_seed_epoch_and_index():
 def test_lead_zoom_shrinks_the_warped_copy_and_leaves_the_default_pairs_alone():
     ones = [{"image": torch.ones(3, 64, 64)}] * 8  # the warped copy's non-zero area is its content's area
     plain, zoomed = (bl.LeadPairs(ones, seed=3, warp=True, zoom=zoom) for zoom in (1.0, 2.0))
-    g = torch.Generator().manual_seed(3 * 1_000_003 * 10_000_019 + 5)  # seed 3, epoch 0, index 5
+    g = bl.sample_generator(3, 0, 5)
     paper_pair = data.warp_images(ones[5]["image"][None], data.random_tps(1, "pair", generator=g))[0]
     assert torch.equal(bl.LeadPairs(ones, seed=3, warp=True)[5]["warped"], paper_pair)  # no zoom by default
     for i in range(8):
@@ -146,7 +146,7 @@ def test_lead_zoom_shrinks_the_warped_copy_and_leaves_the_default_pairs_alone():
     factors = [(plain[i]["warped"].mean() / zoomed[i]["warped"].mean()).sqrt().item() for i in range(8)]
     assert max(factors) - min(factors) > 0.2  # drawn, not fixed
     noise = [{"image": torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))}]
-    g = torch.Generator().manual_seed(3 * 1_000_003 * 10_000_019)  # seed 3, epoch 0, index 0
+    g = bl.sample_generator(3, 0, 0)
     warp = data.random_tps(1, "pair", generator=g)
     warp = warp.then(data.zoom_out(1, 1 + torch.rand(1, generator=g)))  # drawn after the TPS, factor in [1, 2]
     once = data.warp_images(noise[0]["image"][None], warp)[0]  # TPS and zoom composed: resampled once
