@@ -66,12 +66,12 @@ Open choices (the paper does not say) and deviations, each deliberate:
   11.35 (not ablated further; a plausible reason: a warp of the same face gives the teacher two maps that
   agree location by location, while two different faces need a teacher that already matches across people).
 - --lead-zoom Z (not in the paper; default 1, off) also zooms each warped copy out about its centre by a factor
-  drawn in [1, Z]: an ablation that asks whether LEAD's distillation can pass scale equivariance on to the
-  compact features (README, the scale test of Sec. 4.4). The paper's pairs have no such zoom. The zoom is
-  composed with the TPS, so the copy is resampled once. Measured on the wild faces over four stage-2 seeds:
-  what the unseen scales cost the compact features falls from 30.2 +- 3.9 to 24.5 +- 6.8 IOD points (10
-  regression epochs), to the hypercolumn's level (22.9 and 30.7 at two regression seeds), within the seeds'
-  spread; it costs 2.4 points at the seen scales.
+  drawn in [1, Z]: an ablation that asks whether LEAD's distillation can pass scale equivariance on to the compact
+  features (docs/byol_lead.md, the scale ablation of Sec. 4.4). The paper's pairs have no such zoom. The zoom is
+  composed with the TPS, so the copy is resampled once. Measured on the wild faces over four stage-2 seeds: what
+  the unseen scales cost the compact features falls from 30.2 +- 3.9 to 24.5 +- 6.8 IOD points (10 regression
+  epochs), to the hypercolumn's level (22.9 and 30.7 at two regression seeds), within the seeds' spread; it costs
+  2.4 points at the seen scales.
 - compact.pt2 resizes the 24x24 decoder output bilinearly to the exports' 48x48 grid, so that hypercol, nmf
   and compact are compared on the same grid (matching quantises predictions to it); resizing adds nothing.
 - NMF: as moco_hypercol.py (multiplicative updates on the 24x24 hypercolumns of --nmf-images images; the
@@ -83,7 +83,7 @@ on 2 idle CPU cores (estimated from the default run's per-stage speeds; NMF's sh
 The default run took 9 min on an idle 2-core CPU: stage 1 410 s (24 images/s, two views each), stage 2 90 s
 (28 images/s), NMF 32 s, exports and pictures the rest.
 What it gives (compact features match better than NMF; stage 1 beats the random network on the wild faces after
-8 epochs, not on the aligned faces) and why: README, section byol_lead.py.
+8 epochs, not on the aligned faces) and why: README, section byol_lead.py, and docs/byol_lead.md.
 """
 import argparse
 import copy

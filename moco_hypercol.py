@@ -51,7 +51,7 @@ default run (936 MoCo steps, 312 projector steps, NMF of 64 images) took 14.5 mi
 MoCo 11 min (39-49 images/s; tests/bench_moco_hypercol.py measures the step), projector 2 min, NMF 1 min.
 What it gives on the built-in faces (on the wild faces MoCo's hypercolumn beats the random network's and, with a
 longer regression, its own best layer; on the aligned faces it trails the random network's even after 16 epochs
-and leads its best layer by small margins) and why: README, section moco_hypercol.py.
+and leads its best layer by small margins) and why: README, section moco_hypercol.py, and docs/moco_hypercol.md.
 """
 import argparse
 import copy
