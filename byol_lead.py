@@ -83,7 +83,8 @@ on 2 idle CPU cores (estimated from the default run's per-stage speeds; NMF's sh
 The default run took 9 min on an idle 2-core CPU: stage 1 410 s (24 images/s, two views each), stage 2 90 s
 (28 images/s), NMF 32 s, exports and pictures the rest.
 What it gives (compact features match better than NMF; stage 1 beats the random network on the wild faces after
-8 epochs, not on the aligned faces) and why: README, section byol_lead.py, and docs/byol_lead.md.
+8 epochs, not on the aligned faces; compact features carry a regressor across zooms better than the hypercolumn
+for five of six stage-1 networks) and why: README, section byol_lead.py, and docs/byol_lead.md.
 """
 import argparse
 import copy
