@@ -16,7 +16,7 @@ differently after a short regression. This script separates the two:
 Run (one thread, ~20 s):
     python tests/diagnose_scale.py --reference runs/moco_hypercol/random/hypercol.pt2 \
         --features runs/moco_hypercol/default/hypercol.pt2 --out runs/moco_hypercol/default/hypercolnorm.pt2
-then regress the copy with the same flags as the original (README, section moco_hypercol.py). A hypercolumn at
+then regress the copy with the same flags as the original (docs/moco_hypercol.md lists the commands). A hypercolumn at
 the scale of its own layer1 (the layer1 norm that the first command prints, here for the wild faces' run):
     python tests/diagnose_scale.py --features runs/moco_hypercol/wild/hypercol.pt2 --dataset synth-faces-wild \
         --equal-norm 12.68 --out runs/moco_hypercol/wild/hypercoleq.pt2

@@ -29,7 +29,7 @@ Run (one thread, ~1 min per 960-d hypercolumn on 64 images):
         runs/moco_hypercol/default/hypercol.pt2 runs/byol_lead/default/hypercol.pt2
     python tests/diagnose_variance.py --features runs/moco_hypercol/random/hypercol.pt2 \
         --out runs/moco_hypercol/random/hypercolnopos.pt2
-then regress the copy with the same flags as the original (README, section moco_hypercol.py).
+then regress the copy with the same flags as the original (docs/moco_hypercol.md lists the commands).
 """
 import argparse
 import os
