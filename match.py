@@ -40,16 +40,16 @@ landmarks, tests/bench_oracle.py: ~0.57, the floor set by the 2 px cells).
 import argparse
 import json
 import os
-import random
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+# the evaluation scripts' shared boilerplate lives in regress.py, so both write runs the same way
+from regress import assert_frozen, default_name, log_json, make_run_dir, pick_device, seed_everything
 
 
 def parse_args(argv=None):
@@ -89,50 +89,6 @@ def parse_args(argv=None):
     parser.add_argument("--name", default=None, help="run name; default: <first features file>-<dataset>")
     parser.add_argument("--runs-dir", default="runs", help="results go to <runs-dir>/match/<name>/")
     return parser.parse_args(argv)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Boilerplate shared by regress.py and match.py: device, seeding, run directory, JSON-lines log.
-# ---------------------------------------------------------------------------------------------------------
-def pick_device(name):
-    """--device: auto = cuda if available, else mps, else cpu; a requested device that is absent is an error."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not torch.backends.mps.is_available()):
-        sys.exit(f"error: --device {name} was requested but is not available on this machine; use --device cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def make_run_dir(script, args):
-    """runs/<script>/<name>/ with args.json and an empty log.jsonl; returns its path."""
-    run_dir = os.path.join(args.runs_dir, script, args.name)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
-    open(os.path.join(run_dir, "log.jsonl"), "w").close()
-    return run_dir
-
-
-def log_json(run_dir, record):
-    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def default_name(features, dataset):
-    return f"{os.path.splitext(os.path.basename(features))[0]}-{dataset}"
-
-
-def assert_frozen(before, after):
-    """Raise if the extractor's state (data.Extractor.state_fingerprint) changed during the evaluation."""
-    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    if changed:
-        raise RuntimeError(f"the frozen extractor changed during evaluation: {', '.join(changed)}")
 
 
 # ---------------------------------------------------------------------------------------------------------

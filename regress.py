@@ -165,7 +165,7 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Boilerplate shared by regress.py and match.py: device, seeding, run directory, JSON-lines log.
+# Boilerplate of the evaluation scripts (match.py imports it from here): device, seeding, run directory, log.
 # ---------------------------------------------------------------------------------------------------------
 def pick_device(name):
     """--device: auto = cuda if available, else mps, else cpu; a requested device that is absent is an error."""
