@@ -53,11 +53,9 @@ Open choices (the paper does not say) and deviations, each deliberate:
   q_u the same for the head's outputs, loss = -sum_u sum_v p_u(v) log q_u(v) (summed over the locations u),
   averaged over the pairs of the batch. The rows u are processed --lead-chunk at a time, each chunk under
   activation checkpointing (same value and gradients, tested), so that memory holds one chunk's B x chunk x hw
-  similarities instead of B x hw x hw. Measured on 8 pairs at 48x48 (64-d): the loss and its backward add
-  96 MB to the peak resident memory with chunks of 256 rows, 512 MB unchunked, once glibc is kept from
-  hoarding the freed chunks (MALLOC_MMAP_THRESHOLD_=1048576; with its default dynamic threshold the chunked
-  peak stayed near the unchunked one). At the default 24x24 grid the similarities are small next to the
-  ResNet's activations: a stage-2 step at batch 32 peaks at ~1.27 GB either way (tests/bench_byol_lead.py).
+  similarities instead of B x hw x hw. On 8 pairs at 48x48 (64-d) the loss and its backward added 96 MB to the
+  peak resident memory with chunks of 256 rows, 512 MB unchunked (glibc's MALLOC_MMAP_THRESHOLD_=1048576, as
+  tests/bench_byol_lead.py sets it); at the default 24x24 grid the ResNet's activations dominate either way.
 - Pairs ("two images" in the paper), --lead-pairs: batch = image k with image k+1 of the batch; views = an
   image with its own random TPS warp (data.random_tps, the "pair" preset), the teacher seeing each warped image
   itself, so no correspondence is needed; both = the two sets of pairs, averaged. Default views: on the
@@ -67,11 +65,8 @@ Open choices (the paper does not say) and deviations, each deliberate:
   agree location by location, while two different faces need a teacher that already matches across people).
 - --lead-zoom Z (not in the paper; default 1, off) also zooms each warped copy out about its centre by a factor
   drawn in [1, Z]: an ablation that asks whether LEAD's distillation can pass scale equivariance on to the compact
-  features (docs/byol_lead.md, the scale ablation of Sec. 4.4). The paper's pairs have no such zoom. The zoom is
-  composed with the TPS, so the copy is resampled once. Measured on the wild faces over four stage-2 seeds: what
-  the unseen scales cost the compact features falls from 30.2 +- 3.9 to 24.5 +- 6.8 IOD points (10 regression
-  epochs), to the hypercolumn's level (22.9 and 30.7 at two regression seeds), within the seeds' spread; it costs
-  2.4 points at the seen scales.
+  features (docs/byol_lead.md, the scale ablation of Sec. 4.4, has what it measured). The paper's pairs have no
+  such zoom. The zoom is composed with the TPS, so the copy is resampled once.
 - compact.pt2 resizes the 24x24 decoder output bilinearly to the exports' 48x48 grid, so that hypercol, nmf
   and compact are compared on the same grid (matching quantises predictions to it); resizing adds nothing.
 - NMF: as moco_hypercol.py (multiplicative updates on the 24x24 hypercolumns of --nmf-images images; the
