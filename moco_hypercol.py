@@ -19,11 +19,12 @@ Paper -> code:  Eq. 5, InfoNCE with a queue of negatives    -> info_nce, KeyQueu
                 the official views                          -> moco_view, TwoViews
 
 Paper values (ContrastLandmark's code, ../shared/PROTOCOL.md section 7) next to our CPU defaults:
-  --arch resnet50 (default resnet18: 4x cheaper; the paper reports both) | --epochs 800 (default 3 epochs of
-  the 10,000 synthetic faces) | --batch-size 256 (32) | --lr 0.03, SGD momentum 0.9, weight decay 1e-4, cosine
-  (same) | --moco-queue 4096, --moco-dim 128, --moco-tau 0.07 (same) | --moco-momentum 0.999 (0.99: in a run of
-  ~1,000 steps 0.999 leaves the key encoder close to its random initialisation) | projector: Adam 1e-3, weight
-  decay 5e-4, --proj-epochs 10 (1), --proj-dim 64/128/256 (64).
+  --arch resnet50 (default resnet18: 4x cheaper; the paper reports both) | --epochs 800 (default 1 epoch of
+  the 10,000 synthetic faces, 312 steps: training and evaluation fit in about 10 minutes on 2 CPU cores) |
+  --batch-size 256 (32) | --lr 0.03, SGD momentum 0.9, weight decay 1e-4, cosine (same) | --moco-queue 4096,
+  --moco-dim 128, --moco-tau 0.07 (same) | --moco-momentum 0.999 (0.99: in a run of 300-5,000 steps 0.999 leaves
+  the key encoder close to its random initialisation) | projector: Adam 1e-3, weight decay 5e-4, --proj-epochs 10
+  (1), --proj-dim 64/128/256 (64).
 
 Deviations, each deliberate:
 - Shuffle BN on one device. MoCo computes keys with batch norm over per-GPU sub-batches of a *shuffled* batch,
@@ -47,8 +48,8 @@ Deviations, each deliberate:
 
 Smallest run: `python moco_hypercol.py --epochs 1 --train-images 512 --name tiny`: a bar per epoch and a
 summary line per epoch and stage, then runs/moco_hypercol/tiny/*.pt2, in a few minutes on 2 CPU cores. The
-default run (936 MoCo steps, 312 projector steps, NMF of 64 images) took 14.5 minutes on an idle 2-core CPU:
-MoCo 11 min (39-49 images/s; tests/bench_moco_hypercol.py measures the step), projector 2 min, NMF 1 min.
+default run (312 MoCo steps, 312 projector steps, NMF of 64 images) took 4.9 minutes on an idle 2-core CPU:
+MoCo 2.8 min (59 images/s; tests/bench_moco_hypercol.py measures the step), projector 1.5 min, NMF 15 s.
 What it gives on the built-in faces (on the wild faces MoCo's hypercolumn beats the random network's and, with a
 longer regression, its own best layer; on the aligned faces it trails the random network's even after 16 epochs
 and leads its best layer by small margins) and why: README, section moco_hypercol.py, and docs/moco_hypercol.md.
@@ -91,7 +92,7 @@ def get_args(argv=None):
     add("--train-images", type=int, default=0, help="use only the first N training images (0: all)")
     add("--arch", default="resnet18", choices=["resnet18", "resnet50"], help="torchvision backbone")
     add("--imagenet-init", action=switch, default=False, help="start from torchvision's ImageNet weights")
-    add("--epochs", type=int, default=3, help="MoCo epochs (paper 800); 0 exports the random-initialised "
+    add("--epochs", type=int, default=1, help="MoCo epochs (paper 800); 0 exports the random-initialised "
         "network, the baseline of Tab. 5")
     add("--batch-size", type=int, default=32, help="images per step, both stages (paper 256)")
     add("--lr", type=float, default=0.03, help="SGD learning rate of MoCo, cosine-decayed to 0 (paper 0.03)")
