@@ -46,13 +46,12 @@ Deviations, each deliberate:
 - NMF: multiplicative updates (Lee & Seung) on the 24x24 hypercolumns of --nmf-images training images; the
   exported extractor solves each location's coefficients with the same updates, the basis fixed.
 
-Smallest run: `python moco_hypercol.py --epochs 1 --train-images 512 --name tiny`: a bar per epoch and a
-summary line per epoch and stage, then runs/moco_hypercol/tiny/*.pt2, in a few minutes on 2 CPU cores. The
-default run (312 MoCo steps, 312 projector steps, NMF of 64 images) took 4.9 minutes on an idle 2-core CPU:
-MoCo 2.8 min (59 images/s; tests/bench_moco_hypercol.py measures the step), projector 1.5 min, NMF 15 s.
-What it gives on the built-in faces (on the wild faces MoCo's hypercolumn beats the random network's and, with a
-longer regression, its own best layer; on the aligned faces it trails the random network's even after 16 epochs
-and leads its best layer by small margins) and why: README, section moco_hypercol.py, and docs/moco_hypercol.md.
+Smallest run: `python moco_hypercol.py --train-images 512 --name tiny`: a bar per epoch and a summary line per
+epoch and stage, then runs/moco_hypercol/tiny/*.pt2, in a few minutes on 2 CPU cores. The default run (312 MoCo
+steps, 312 projector steps, NMF of 64 images) took 4.9 minutes on an idle 2-core CPU: MoCo 2.8 min (59 images/s;
+tests/bench_moco_hypercol.py measures the step), projector 1.5 min, NMF 15 s. What it gives (the projector matches
+across identities better than the hypercolumn; MoCo's hypercolumn regresses better than the random network's on
+the wild faces, worse on the aligned ones) and why: README, section moco_hypercol.py, and docs/moco_hypercol.md.
 """
 import argparse
 import copy
