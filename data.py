@@ -71,7 +71,10 @@ class DatasetError(ValueError):
 #   inter-ocular error uses the two outer eye corners, as 300-W uses points 36 and 45). variant="aligned"
 #   resembles aligned CelebA crops (centred, upright, fixed scale, plain or gradient background);
 #   variant="wild" adds scale, in-plane rotation (up to 30 degrees), translation, stronger yaw, cluttered
-#   textured backgrounds, lighting gradients and occluders (glasses, strands of hair, foreign objects).
+#   textured backgrounds, lighting gradients and occluders (glasses, strands of hair, foreign objects);
+#   variant="clutter" keeps the aligned geometry (the very same faces, poses and landmarks as "aligned")
+#   and draws them in the wild variant's scenes (clutter, lighting, occluders): it separates what the
+#   frame gives away from what the scene hides.
 # - `SyntheticBirds` plays CUB: the 15 CUB parts in CUB order, facing left or right under a range of view
 #   angles, with a per-landmark visibility flag that is computed, not guessed (see below).
 #
@@ -408,9 +411,10 @@ FACE_HEAD = {
     "wild": {"yaw": (-0.45, 0.45), "roll": (-0.52, 0.52), "scale": (0.45, 0.85), "x": (-1.0, 1.0),
              "y": (-1.0, 1.0)},
 }
+FACE_HEAD["clutter"] = FACE_HEAD["aligned"]  # aligned geometry in wild scenes
 
 
-# Per-label constants: colours that never change, texture strengths (index [wild]), shading strength, and
+# Per-label constants: colours that never change, texture strengths (index [wild scene]), shading strength, and
 # the foreground (the person, with hair, clothes and glasses; not the background, clutter or occluder).
 FACE_TABLE = np.zeros((len(FACE_LABELS), 3), np.float32)
 FACE_TABLE[[FACE["sclera"], FACE["pupil"], FACE["mouth"], FACE["teeth"], FACE["lens"], FACE["glasses"]]] = [
@@ -561,12 +565,12 @@ class SyntheticFaces(_Synthetic):
     def __init__(self, split="train", variant="aligned", annotation="mafl", size=96, length=None, seed=0,
                  normalize=True):
         if variant not in FACE_HEAD:
-            raise DatasetError(f"unknown face variant {variant!r}; expected 'aligned' or 'wild'")
+            raise DatasetError(f"unknown face variant {variant!r}; expected 'aligned', 'clutter' or 'wild'")
         if annotation not in ("mafl", "dense"):
             raise DatasetError(f"unknown face annotation {annotation!r}; expected 'mafl' or 'dense'")
         super().__init__(split, size, length, seed, normalize, FACE_MEAN, FACE_STD)
         self.variant, self.annotation = variant, annotation
-        self.name = "synth-faces" + "-wild" * (variant == "wild") + "-dense" * (annotation == "dense")
+        self.name = "synth-faces" + f"-{variant}" * (variant != "aligned") + "-dense" * (annotation == "dense")
         self.landmark_names = list(MAFL_NAMES if annotation == "mafl" else DENSE_FACE_NAMES)
         self.num_landmarks = len(self.landmark_names)
         self.eye_indices = (0, 1) if annotation == "mafl" else (19, 25)  # dense: the outer eye corners
@@ -578,7 +582,8 @@ class SyntheticFaces(_Synthetic):
         return dict(_identity_params(self.seed, 0, identity))
 
     def pose_params(self, index):
-        """Head pose, expression and scene of sample `index` (depending on the variant, not the identity)."""
+        """Head pose, expression and scene of sample `index` (depending on the variant, not the identity;
+        "clutter" draws from the aligned stream, so its faces and landmarks are the aligned ones)."""
         return _draw_params(self._pose_rng(1 + (self.variant == "wild"), index),
                             {**FACE_POSE, **FACE_HEAD[self.variant]})
 
@@ -588,7 +593,8 @@ class SyntheticFaces(_Synthetic):
         Returns the sample dict without identity and index; with_labels=True adds "labels", the (S, S)
         int64 label map whose ids index `self.label_names`.
         """
-        size, wild = self.size[0], self.variant == "wild"
+        size, wild = self.size[0], self.variant == "wild"  # wild geometry
+        scenic = self.variant != "aligned"  # wild scenes: clutter, textures, light, glasses, occluders
         rng = np.random.default_rng(p["scene"])
         u = _uniforms(rng)
         a, b = p["head_w"], p["head_h"]
@@ -651,11 +657,11 @@ class SyntheticFaces(_Synthetic):
             mouth_inner = np.array([[0.0, p["mouth_y"]]] * 2)
         mouth = lips[::6]  # rows 0, 6, 12, 18: left corner, upper lip top, right corner, lower lip bottom
 
-        # Wild images: glasses (an identity trait, drawn in the wild variant only) and a loose strand of
-        # hair across the face.
-        if wild and face["glasses"] is not None:
+        # Wild scenes: glasses (an identity trait, drawn in wild scenes only) and a loose strand of hair
+        # across the face.
+        if scenic and face["glasses"] is not None:
             blocks.append(face["glasses"])
-        if wild and u() < 0.3:
+        if scenic and u() < 0.3:
             start = np.array([u(-0.6, 0.6) * a, b * p["hairline"]])
             s = RAMP10
             path = start + s * [u(-0.3, 0.3), u(0.4, 0.9)] + u(-0.15, 0.15) * np.sin(math.pi * s) * [1, 0]
@@ -694,15 +700,15 @@ class SyntheticFaces(_Synthetic):
         marks = pixels[-len(marks):]
         keypoints = marks[:5] if self.annotation == "mafl" else marks[5:]
 
-        lut = FACE_LUTS[wild].copy()
+        lut = FACE_LUTS[scenic].copy()
         table = lut[:, :3]  # the colours, filled in below
         table[0] = [u(0.15, 0.85), u(0.15, 0.85), u(0.15, 0.85)]
-        canvas = _background(rng, size, table, 0.25) if wild else Image.new("L", (size, size), 0)
+        canvas = _background(rng, size, table, 0.25) if scenic else Image.new("L", (size, size), 0)
         draw = ImageDraw.Draw(canvas)
         corners = (pixels + 0.5).ravel().tolist()  # PIL's pixel i covers [i, i + 1), see the module docstring
         for label, stop, n in zip(shapes, ends, counts):
             draw.polygon(corners[2 * (stop - n):2 * stop], fill=label)
-        if wild and u() < 0.25:  # a foreign object in front of the face, near one of the MAFL points
+        if scenic and u() < 0.25:  # a foreign object in front of the face, near one of the MAFL points
             centre = marks[int(u(0, 5))] + [u(-0.3, 0.3) * half, u(-0.3, 0.3) * half]
             _polygon(draw, CIRCLE16 * [u(0.25, 0.6) * half * scale, u(0.25, 0.6) * half * scale] + centre,
                      FACE["occluder"])
@@ -729,7 +735,7 @@ class SyntheticFaces(_Synthetic):
         cb, sb = cos_r / (scale ** 2 * b), sin_r / (scale ** 2 * b)
         r2 = (((ca * ca + sb * sb) * px * px)[None, :] + ((sa * sa + cb * cb) * py * py)[:, None]
               + (2.0 * (ca * sa - sb * cb) * py)[:, None] * px[None, :])
-        angle, strength = u(0, 2 * math.pi), u(0.0, 0.35 if wild else 0.15)
+        angle, strength = u(0, 2 * math.pi), u(0.0, 0.35 if scenic else 0.15)
         light = (strength * math.cos(angle) * axis)[None, :] + (1 + strength * math.sin(angle) * axis)[:, None]
         labels = np.asarray(canvas).astype(np.intp)
         image, mask = _compose(labels, lut, (u(), u()), light, np.minimum(r2, 1.5, out=r2))
@@ -2373,6 +2379,7 @@ DATASETS = {
     "synth-faces-dense": "built-in aligned faces, dense annotation (brows, eye corners, nose, mouth, jaw)",
     "synth-faces-wild": "built-in faces in the wild: scale, rotation, clutter, occluders, 5 landmarks",
     "synth-faces-wild-dense": "built-in faces in the wild, dense annotation",
+    "synth-faces-clutter": "built-in aligned faces (the same as synth-faces) in the wild variant's cluttered scenes",
     "synth-birds": "built-in birds, the 15 CUB parts with visibility",
     "celeba": "CelebA aligned, self-supervised split (partition 0 minus MAFL), --data-root = CelebA folder",
     "celeba-wild": "CelebA in the wild (Img/img_celeba + bounding boxes)",
@@ -2396,7 +2403,7 @@ def make_dataset(name, split="train", root=None, size=96, normalize=True, **kwar
     if name.startswith("synth-"):
         if name == "synth-birds":
             return SyntheticBirds(split=split, size=size, normalize=normalize, **kwargs)
-        variant = "wild" if "-wild" in name else "aligned"
+        variant = "wild" if "-wild" in name else "clutter" if "-clutter" in name else "aligned"
         annotation = "dense" if name.endswith("-dense") else "mafl"
         if name not in DATASETS:
             raise DatasetError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")

@@ -16,6 +16,7 @@ DATASETS = {
     "faces": lambda **kw: SyntheticFaces(**kw),
     "faces-dense": lambda **kw: SyntheticFaces(annotation="dense", **kw),
     "faces-wild": lambda **kw: SyntheticFaces(variant="wild", **kw),
+    "faces-clutter": lambda **kw: SyntheticFaces(variant="clutter", **kw),
     "birds": lambda **kw: SyntheticBirds(**kw),
 }
 
@@ -69,6 +70,7 @@ def test_names_default_lengths_and_errors():
     names = [SyntheticFaces(variant=v, annotation=a).name
              for v in ("aligned", "wild") for a in ("mafl", "dense")]
     assert names == ["synth-faces", "synth-faces-dense", "synth-faces-wild", "synth-faces-wild-dense"]
+    assert SyntheticFaces(variant="clutter").name == "synth-faces-clutter"
     assert SyntheticFaces().landmark_names == ["left eye", "right eye", "nose tip", "left mouth corner",
                                                "right mouth corner"]
     assert SyntheticFaces().eye_indices == (0, 1)
@@ -158,6 +160,19 @@ def test_wild_varies_scale_rotation_and_position_aligned_does_not():
     assert iod.max() / iod.min() > 1.8 and angle.abs().max() > 20 and centre.std(0).min() > 8
 
 
+def test_clutter_is_the_aligned_faces_in_wild_scenes():
+    aligned, clutter = SyntheticFaces(length=16), SyntheticFaces(variant="clutter", length=16)
+    plain = aligned.label_names.index("background")
+    for i in range(16):
+        assert clutter.params(i) == aligned.params(i)  # the same person, pose and expression
+        a, c = aligned.render(aligned.params(i), True), clutter.render(clutter.params(i), True)
+        assert torch.equal(a["keypoints"], c["keypoints"]) and torch.equal(a["visible"], c["visible"])
+        # aligned: one flat background label; clutter: background shapes where the person is not
+        outside = a["labels"] == plain
+        assert not (a["labels"][outside] != plain).any() and (c["labels"][outside] != plain).float().mean() > 0.02
+        assert (a["image"] - c["image"]).abs()[:, outside].mean() > 0.2  # normalised units
+
+
 # ---------------------------------------------------------------------------------------------------------
 # exact landmarks and masks
 # ---------------------------------------------------------------------------------------------------------
@@ -212,7 +227,7 @@ def test_masks_are_the_exact_foreground(kind):
         expected = ~np.isin(names[sample["labels"].numpy()], list(not_foreground))
         assert torch.equal(sample["mask"][0], torch.from_numpy(expected.astype(np.float32)))
         assert 0.05 < sample["mask"].mean() < 0.95
-        if kind != "faces-wild":  # aligned faces and birds: every visible landmark is on the foreground
+        if kind in ("faces", "birds"):  # aligned faces in plain scenes and birds: every visible landmark is on the foreground
             x, y = np.rint(sample["keypoints"][sample["visible"]].numpy()).astype(int).T
             assert (sample["mask"][0].numpy()[y, x] == 1).all()
 
