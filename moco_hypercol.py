@@ -122,6 +122,9 @@ def get_args(argv=None):
         "none): removes the colour shortcut of instance discrimination")
     add("--moco-grayscale", type=float, default=0.0, help="probability of a grayscale view (MoCo v1: 0.2; the "
         "official views have none)")
+    add("--bn-stats-images", type=int, default=0, help="measure every batch norm's statistics on this many clean "
+        "training images before the stages use or export the backbone (no gradients, weights unchanged); 0 keeps "
+        "the running averages of training, which for --epochs 0 are the identity: compare networks at one value")
     add("--layers", default="layer4,layer3,layer2,layer1", help="hypercolumn layers, deepest first")
     add("--proj-dim", type=int, default=64, help="d, output channels of the projector (paper 64/128/256)")
     add("--proj-softmax", action=switch, default=False, help="the official code's per-channel spatial softmax "
@@ -170,6 +173,25 @@ def encode_in_splits(encoder, images, splits, order=None):
         images = images[order]
     out = torch.cat([encoder(chunk) for chunk in images.chunk(splits)])  # N x dim
     return out if order is None else out[torch.argsort(order)]
+
+
+@torch.no_grad()
+def measure_bn_stats(model, images, batch_size):
+    """Set every batch norm's running mean and variance to their plain averages over the batches of `images`
+    (normalised, B x 3 x H x W) in train mode, then return the model in eval mode; the weights do not change.
+    Training leaves running averages of augmented views; a random network has mean 0 and variance 1, so that in
+    eval mode its batch norms do nothing (docs/moco_hypercol.md measures what that does to the hypercolumn)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in norms]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over the batches instead of an exponential one
+    model.train()
+    for x in images.split(batch_size):
+        model(x)
+    for bn, momentum in zip(norms, momenta):
+        bn.momentum = momentum
+    return model.eval()
 
 
 class KeyQueue(nn.Module):
@@ -478,15 +500,24 @@ def save_pictures(path, images, maps, title):
     plt.close(fig)
 
 
-def load_backbone(args, run, device):
-    """The MoCo query encoder from this run's checkpoint_pretrain.pt, frozen and in eval mode."""
+def clean_images(train_set, n):
+    """The first n training images, RGB in [0, 1]: (n, 3, H, W)."""
+    return torch.stack([train_set[i]["image"] for i in range(min(n, len(train_set)))])
+
+
+def load_backbone(args, run, device, train_set, normalize):
+    """The MoCo query encoder from this run's checkpoint_pretrain.pt, frozen and in eval mode (with the batch-norm
+    statistics of --bn-stats-images clean images, if set, as the pretraining stage exported it)."""
     path = os.path.join(run, "checkpoint_pretrain.pt")
     if not os.path.exists(path):
         raise SystemExit(f"error: no pretrained backbone at {path}; run --stage pretrain with this --name first")
     checkpoint = load_checkpoint(path)
     model = build_resnet(checkpoint["args"]["arch"], checkpoint["args"]["moco_dim"])
     model.load_state_dict(checkpoint["state"]["model"])
-    return model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
+    model = model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
+    if args.bn_stats_images:
+        measure_bn_stats(model, normalize(clean_images(train_set, args.bn_stats_images).to(device)), args.batch_size)
+    return model
 
 
 # =========================================================================================================
@@ -501,7 +532,7 @@ def main(argv=None):
         raise SystemExit(f"error: {error}")
     train_set = torch.utils.data.Subset(info, range(min(args.train_images or len(info), len(info))))
     normalize = data.Normalize(info.mean, info.std).to(device)
-    figure_images = torch.stack([train_set[i]["image"] for i in range(min(8, len(train_set)))])  # 8 x 3 x H x W
+    figure_images = clean_images(train_set, 8)  # 8 x 3 x H x W
     grid = args.image_size // 2  # the exports' hypercolumn grid: 48x48 at 96 px, as in the official code
     stages = ["pretrain", "project", "nmf"] if args.stage == "all" else [args.stage]
 
@@ -539,6 +570,9 @@ def main(argv=None):
         if not fit(args, "pretrain", run, views, moco_step, state, args.epochs, args.batch_size):
             return
         model.eval()
+        if args.bn_stats_images:  # the exports then carry the statistics of clean images, not of the views
+            measure_bn_stats(model, normalize(clean_images(train_set, args.bn_stats_images).to(device)),
+                             args.batch_size)
         for layers in [args.layers] + ([[name] for name in args.layers] if len(args.layers) > 1 else []):
             hyper = Hypercolumn(model, layers, grid)  # the hypercolumn, then each layer alone (Tab. 3)
             export(hyper, run, "hypercol" if layers == args.layers else layers[0], info, args, hyper.groups)
@@ -554,7 +588,7 @@ def main(argv=None):
     if "project" in stages:  # ---- spatial-contrastive projector, Eq. 3-4 ---------------------------------------
         run = start_stage(args, "project")
         seed_everything(args.seed, args.deterministic)
-        backbone = load_backbone(args, run, device)
+        backbone = load_backbone(args, run, device, train_set, normalize)
         hyper = Hypercolumn(backbone, args.layers, args.image_size // 4)  # 24x24 at 96 px
         projector = Projector(sum(hyper.widths), args.proj_dim, args.proj_softmax).to(device)
         optimizer = torch.optim.Adam(projector.parameters(), lr=args.proj_lr, weight_decay=5e-4)
@@ -577,9 +611,9 @@ def main(argv=None):
     if "nmf" in stages:  # ---- NMF baseline, Tab. 4 and Fig. 5 (deterministic and quick: no resume) --------------
         run = start_stage(args, "nmf")
         seed_everything(args.seed, args.deterministic)
-        backbone = load_backbone(args, run, device)
+        backbone = load_backbone(args, run, device, train_set, normalize)
         hyper = Hypercolumn(backbone, args.layers, args.image_size // 4)
-        images = torch.stack([train_set[i]["image"] for i in range(min(args.nmf_images, len(train_set)))])
+        images = clean_images(train_set, args.nmf_images)
         with torch.no_grad(), autocast(device, args.amp):
             v = torch.cat([hyper(normalize(x.to(device))).float() for x in images.split(args.batch_size)])
         V = v.permute(0, 2, 3, 1).reshape(-1, v.shape[1])  # (n 24 24) x C, >= 0 after ReLU and resizing

@@ -134,6 +134,20 @@ def test_view_ablation_flags_keep_the_whole_image_and_its_colours():
     assert max(errors["official"]) > 0.05  # measured 0.01-0.13
 
 
+def test_measure_bn_stats_sets_the_plain_averages_and_keeps_the_weights():
+    torch.manual_seed(0)
+    net, images = mh.build_resnet("resnet18", 8).eval(), torch.randn(12, 3, 32, 32)
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "batches" not in k}
+    assert torch.equal(net.bn1.running_mean, torch.zeros(64))  # at initialisation: the identity in eval mode
+    mh.measure_bn_stats(net, images, batch_size=4)
+    conv1 = net.conv1(images)  # what bn1 normalises: 12 x 64 x 16 x 16
+    assert torch.allclose(net.bn1.running_mean, conv1.mean((0, 2, 3)), atol=1e-5)  # 3 equal batches: the mean
+    batch_vars = torch.stack([c.var((0, 2, 3)) for c in conv1.split(4)])  # unbiased, as batch norm keeps it
+    assert torch.allclose(net.bn1.running_var, batch_vars.mean(0), rtol=1e-4)
+    assert not net.training and net.bn1.momentum == 0.1
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in weights.items())
+
+
 def test_stages_resume_export_and_evaluate(tmp_path):
     path = run(tmp_path, "--epochs", "1", "--stop-after-steps", "1")  # interrupted in the middle of pretraining
     assert not os.path.exists(os.path.join(path, "hypercol.pt2"))
@@ -153,6 +167,19 @@ def test_stages_resume_export_and_evaluate(tmp_path):
 
     evaluate_exports.regression_error(path, tmp_path, "proj")
     evaluate_exports.matching(path, tmp_path, ["hypercol", "nmf"])
+
+    # --bn-stats-images: every stage measures the same clean-image statistics (here on the random network)
+    measured = run(tmp_path / "bn", "--epochs", "0", "--bn-stats-images", "8")
+    identity = run(tmp_path / "identity", "--epochs", "0", "--stage", "pretrain")  # the same random weights
+    x = torch.rand(2, 3, 64, 64)
+    plain, clean = [data.load_extractor(os.path.join(p, "hypercol.pt2"))(x) for p in (identity, measured)]
+    assert not torch.allclose(plain, clean, rtol=0.1)
+    backbone = mh.load_backbone(mh.get_args([*TINY, "--bn-stats-images", "8"]), measured, torch.device("cpu"),
+                                data.make_dataset("synth-faces", "train", size=64, normalize=False, length=8),
+                                data.Normalize(data.FACE_MEAN, data.FACE_STD))
+    hyper = mh.Hypercolumn(backbone, ["layer4", "layer1"], 32)
+    exported = data.load_extractor(os.path.join(measured, "hypercol.pt2"))
+    assert torch.allclose(hyper(data.Normalize(data.FACE_MEAN, data.FACE_STD)(x)), exported(x), atol=1e-4)
 
 
 def test_resume_is_bit_exact(tmp_path):
