@@ -45,6 +45,8 @@ Deviations, each deliberate:
   in input pixels (the paper writes ||u - v||). It is trained on un-augmented images.
 - NMF: multiplicative updates (Lee & Seung) on the 24x24 hypercolumns of --nmf-images training images; the
   exported extractor solves each location's coefficients with the same updates, the basis fixed.
+- --bn-stats-images N (ours; off, as the paper): batch-norm statistics measured on N clean training images before
+  the exports. Without it a random network's batch norms are the identity in eval mode (docs/moco_hypercol.md).
 
 Smallest run: `python moco_hypercol.py --train-images 512 --name tiny`: a bar per epoch and a summary line per
 epoch and stage, then runs/moco_hypercol/tiny/*.pt2, in a few minutes on 2 CPU cores. The default run (312 MoCo
