@@ -53,7 +53,8 @@ epoch and stage, then runs/moco_hypercol/tiny/*.pt2, in a few minutes on 2 CPU c
 steps, 312 projector steps, NMF of 64 images) took 4.9 minutes on an idle 2-core CPU: MoCo 2.8 min (59 images/s;
 tests/bench_moco_hypercol.py measures the step), projector 1.5 min, NMF 15 s. What it gives (the projector matches
 across identities better than the hypercolumn, at every seed tried from --epochs 2 on; MoCo's hypercolumn regresses
-better than the random network's on the wild faces, worse on the aligned ones) and why: README and docs/.
+better than the random network's on the wild faces, worse on the aligned ones unless both get measured batch-norm
+statistics) and why: README and docs/.
 """
 import argparse
 import copy
