@@ -125,9 +125,9 @@ def get_args(argv=None):
         "none): removes the colour shortcut of instance discrimination")
     add("--moco-grayscale", type=float, default=0.0, help="probability of a grayscale view (MoCo v1: 0.2; the "
         "official views have none)")
-    add("--bn-stats-images", type=int, default=0, help="measure every batch norm's statistics on this many clean "
-        "training images before the stages use or export the backbone (no gradients, weights unchanged); 0 keeps "
-        "the running averages of training, which for --epochs 0 are the identity: compare networks at one value")
+    add("--bn-stats-images", type=int, default=0, help="after pretraining, measure every batch norm's statistics on "
+        "this many clean training images (no gradients, weights unchanged) for the exports and the later stages; 0 "
+        "keeps the running averages of training, which for --epochs 0 are the identity: compare networks at one value")
     add("--layers", default="layer4,layer3,layer2,layer1", help="hypercolumn layers, deepest first")
     add("--proj-dim", type=int, default=64, help="d, output channels of the projector (paper 64/128/256)")
     add("--proj-softmax", action=switch, default=False, help="the official code's per-channel spatial softmax "
@@ -508,19 +508,16 @@ def clean_images(train_set, n):
     return torch.stack([train_set[i]["image"] for i in range(min(n, len(train_set)))])
 
 
-def load_backbone(args, run, device, train_set, normalize):
-    """The MoCo query encoder from this run's checkpoint_pretrain.pt, frozen and in eval mode (with the batch-norm
-    statistics of --bn-stats-images clean images, if set, as the pretraining stage exported it)."""
+def load_backbone(run, device):
+    """The MoCo query encoder from this run's checkpoint_pretrain.pt, frozen and in eval mode, with the batch-norm
+    statistics the pretraining stage exported it with (the clean-image ones of --bn-stats-images, if set)."""
     path = os.path.join(run, "checkpoint_pretrain.pt")
     if not os.path.exists(path):
         raise SystemExit(f"error: no pretrained backbone at {path}; run --stage pretrain with this --name first")
     checkpoint = load_checkpoint(path)
     model = build_resnet(checkpoint["args"]["arch"], checkpoint["args"]["moco_dim"])
-    model.load_state_dict(checkpoint["state"]["model"])
-    model = model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
-    if args.bn_stats_images:
-        measure_bn_stats(model, normalize(clean_images(train_set, args.bn_stats_images).to(device)), args.batch_size)
-    return model
+    model.load_state_dict({**checkpoint["state"]["model"], **checkpoint.get("bn_stats", {})})
+    return model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
 
 
 # =========================================================================================================
@@ -575,7 +572,10 @@ def main(argv=None):
         model.eval()
         if args.bn_stats_images:  # the exports then carry the statistics of clean images, not of the views
             measure_bn_stats(model, normalize(clean_images(train_set, args.bn_stats_images).to(device)),
-                             args.batch_size)
+                             args.batch_size)  # kept beside the training state, which resume still needs as it was
+            path = os.path.join(run, "checkpoint_pretrain.pt")
+            stats = {k: v for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
+            save_checkpoint(path, **{**load_checkpoint(path), "bn_stats": stats})
         for layers in [args.layers] + ([[name] for name in args.layers] if len(args.layers) > 1 else []):
             hyper = Hypercolumn(model, layers, grid)  # the hypercolumn, then each layer alone (Tab. 3)
             export(hyper, run, "hypercol" if layers == args.layers else layers[0], info, args, hyper.groups)
@@ -591,7 +591,7 @@ def main(argv=None):
     if "project" in stages:  # ---- spatial-contrastive projector, Eq. 3-4 ---------------------------------------
         run = start_stage(args, "project")
         seed_everything(args.seed, args.deterministic)
-        backbone = load_backbone(args, run, device, train_set, normalize)
+        backbone = load_backbone(run, device)
         hyper = Hypercolumn(backbone, args.layers, args.image_size // 4)  # 24x24 at 96 px
         projector = Projector(sum(hyper.widths), args.proj_dim, args.proj_softmax).to(device)
         optimizer = torch.optim.Adam(projector.parameters(), lr=args.proj_lr, weight_decay=5e-4)
@@ -614,7 +614,7 @@ def main(argv=None):
     if "nmf" in stages:  # ---- NMF baseline, Tab. 4 and Fig. 5 (deterministic and quick: no resume) --------------
         run = start_stage(args, "nmf")
         seed_everything(args.seed, args.deterministic)
-        backbone = load_backbone(args, run, device, train_set, normalize)
+        backbone = load_backbone(run, device)
         hyper = Hypercolumn(backbone, args.layers, args.image_size // 4)
         images = clean_images(train_set, args.nmf_images)
         with torch.no_grad(), autocast(device, args.amp):

@@ -174,9 +174,7 @@ def test_stages_resume_export_and_evaluate(tmp_path):
     x = torch.rand(2, 3, 64, 64)
     plain, clean = [data.load_extractor(os.path.join(p, "hypercol.pt2"))(x) for p in (identity, measured)]
     assert not torch.allclose(plain, clean, rtol=0.1)
-    backbone = mh.load_backbone(mh.get_args([*TINY, "--bn-stats-images", "8"]), measured, torch.device("cpu"),
-                                data.make_dataset("synth-faces", "train", size=64, normalize=False, length=8),
-                                data.Normalize(data.FACE_MEAN, data.FACE_STD))
+    backbone = mh.load_backbone(measured, torch.device("cpu"))  # what the project and nmf stages use
     hyper = mh.Hypercolumn(backbone, ["layer4", "layer1"], 32)
     exported = data.load_extractor(os.path.join(measured, "hypercol.pt2"))
     assert torch.allclose(hyper(data.Normalize(data.FACE_MEAN, data.FACE_STD)(x)), exported(x), atol=1e-4)

@@ -227,7 +227,7 @@ def test_masks_are_the_exact_foreground(kind):
         expected = ~np.isin(names[sample["labels"].numpy()], list(not_foreground))
         assert torch.equal(sample["mask"][0], torch.from_numpy(expected.astype(np.float32)))
         assert 0.05 < sample["mask"].mean() < 0.95
-        if kind in ("faces", "birds"):  # aligned faces in plain scenes and birds: every visible landmark is on the foreground
+        if kind in ("faces", "birds"):  # plain scenes: every visible landmark is on the foreground
             x, y = np.rint(sample["keypoints"][sample["visible"]].numpy()).astype(int).T
             assert (sample["mask"][0].numpy()[y, x] == 1).all()
 
