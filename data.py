@@ -31,6 +31,7 @@ import itertools
 import json
 import math
 import os
+import random
 import sys
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -2523,6 +2524,19 @@ class Extractor:
                 for k, v in self.module.state_dict().items()}
 
 
+def on_device(module, device):
+    """Rewrite every device that an exported graph records to `device`. torch.export records the export's device
+    in a check before each `.float()` and similar cast (and in ops such as arange), so moving the weights alone
+    leaves an extractor exported on the CPU failing at its first call on a GPU. The weights are moved apart."""
+    device = torch.device(device)
+    swap = lambda a: device if isinstance(a, torch.device) else a  # noqa: E731
+    for node in module.graph.nodes:
+        node.args = tuple(swap(a) for a in node.args)
+        node.kwargs = {k: swap(v) for k, v in node.kwargs.items()}
+    module.recompile()
+    return module
+
+
 def load_extractor(path, device="cpu"):
     """Load a file written by `save_extractor` (or any torch.export file with the same meta.json)."""
     if not os.path.isfile(path):
@@ -2540,14 +2554,183 @@ def load_extractor(path, device="cpu"):
     missing = [k for k in _REQUIRED_META if k not in meta]
     if missing:
         raise DatasetError(f"{path!r}: its meta.json lacks {missing}; export it with data.save_extractor")
-    module = program.module().to(device)
+    module = on_device(program.module(), device).to(device)
     for p in module.parameters():
         p.requires_grad_(False)
     return Extractor(module, meta, device)
 
 
 # =========================================================================================================
-# 7. Command line: previews of the datasets
+# 7. Shared by the method files: the NMF baseline and the run helpers
+#
+# NMF is the unsupervised baseline of two papers (Cheng et al. Tab. 4, LEAD Tab. 1), so it lives here once.
+# The run helpers are the generic part of every script (device, precision, seeding, run directory, log,
+# atomic checkpoints, the input pipeline); each method file keeps its own training loop in plain sight.
+# Exact resume without random states: every random draw after initialisation is a function of
+# (seed, epoch, step or sample index) (`generator`), so a checkpoint holds models, optimisers and the step.
+# =========================================================================================================
+def nmf(V, k, iters, basis=None, generator=None):
+    """V ~ W H with W, H >= 0 (V: n x C, W: n x k, H: k x C) by Lee and Seung's multiplicative updates. Given a
+    `basis` H, only the coefficients W are solved for (the exported extractor does this for every image)."""
+    scale = (V.mean() / k).sqrt()  # sklearn's initialisation scale
+    W, H = torch.ones_like(V[:, :1]).repeat(1, k) * scale, basis  # ones_like keeps the batch size dynamic
+    if basis is None:  # random H breaks the symmetry between components
+        H = torch.rand(k, V.shape[1], generator=generator).to(V) * scale
+    VHt, HHt = V @ H.T, H @ H.T  # n x k, k x k: all that W's update needs from V and H
+    for _ in range(iters):
+        if basis is None:
+            H = H * (W.T @ V) / (W.T @ W @ H + 1e-8)
+            VHt, HHt = V @ H.T, H @ H.T
+        W = W * VHt / (W @ HHt + 1e-8)
+    return W, H
+
+
+class NMFCoefficients(nn.Module):
+    """Features (B, C, h, w) -> their NMF coefficients (B, k, h, w) for a fixed basis (k x C)."""
+
+    def __init__(self, basis, iters):
+        super().__init__()
+        self.register_buffer("basis", basis)
+        self.iters = iters
+
+    def forward(self, v):
+        b, c, h, w = v.shape
+        W, _ = nmf(v.permute(0, 2, 3, 1).reshape(-1, c).float(), len(self.basis), self.iters, self.basis)
+        return W.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+
+
+def choose_device(name):
+    """'auto' picks cuda, then mps, then cpu; a device that is not there stops with one sentence."""
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    name = next(d for d in ("cuda", "mps", "cpu") if available[d]) if name == "auto" else name
+    if not available[name]:
+        raise SystemExit(f"error: --device {name} is not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+AMP_HELP = ("mixed precision. auto: bf16 on a CPU and on GPUs with native bf16 (compute capability 8.0+: A100, "
+            "RTX 30xx and newer), fp16 with loss scaling on older GPUs (T4, V100), none on mps")
+
+
+def amp_dtype(device, amp, capability=None):
+    """The autocast dtype for --amp (auto, bf16, fp16, none) on `device`, or None for fp32. `capability` is the
+    CUDA compute capability (read from the device when None); bf16 is native from 8.0 (Ampere) on."""
+    if amp == "auto" and device.type == "cuda":
+        major, _ = capability or torch.cuda.get_device_capability(device)
+        amp = "bf16" if major >= 8 else "fp16"
+    elif amp == "auto":
+        amp = "bf16" if device.type == "cpu" else "none"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def autocast(device, dtype):
+    """torch.autocast for `dtype` from amp_dtype (off when it is None)."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def grad_scaler(device, dtype):
+    """Loss scaling, on only for fp16 (bf16 has fp32's range and needs none)."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+DETERMINISTIC_HELP = ("reproducible runs. On a CPU, reruns and resumes are bit-exact. On a GPU the kernels that have "
+                      "a deterministic version use it (slower); bilinear upsampling and grid_sample have none for "
+                      "their backward pass, so runs that train through them (LEAD stage 2, equiv_pretrain.py) "
+                      "differ in the last bits (PyTorch warns once instead of stopping)")
+
+
+def seed_everything(seed, deterministic=False):
+    """Seed every generator (the initialisation draws from them); --deterministic as DETERMINISTIC_HELP says."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS needs a fixed workspace
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)  # warn_only: no deterministic kernel, no crash
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def generator(seed, *keys):
+    """A CPU generator that is a pure function of (seed, *keys), e.g. (seed, epoch, step): what makes every
+    random draw after initialisation reproducible on any device and after any resume."""
+    value = seed
+    for key in keys:
+        value = (value * 1_000_003 + key) % (2 ** 63 - 1)
+    return torch.Generator().manual_seed(value)
+
+
+def start_run(runs_dir, script, name, stage, args, resume):
+    """Create <runs_dir>/<script>/<name>/, write args_<stage>.json and return the directory; an existing
+    checkpoint of the stage needs --resume (or another --name)."""
+    run = os.path.join(runs_dir, script, name)
+    if os.path.exists(os.path.join(run, f"checkpoint_{stage}.pt")) and not resume:
+        raise SystemExit(f"error: {run} already holds a {stage} checkpoint; pass --resume to continue it or "
+                         f"--name to start another run")
+    os.makedirs(run, exist_ok=True)
+    with open(os.path.join(run, f"args_{stage}.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    return run
+
+
+def log(run, stage, record):
+    """Append a record to <run>/log_<stage>.jsonl and print it as the summary line."""
+    with open(os.path.join(run, f"log_{stage}.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+
+
+def save_checkpoint(path, **content):
+    torch.save(content, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
+
+
+def load_checkpoint(path):
+    """A checkpoint written by save_checkpoint, on the CPU; a foreign or broken file stops with one sentence."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise SystemExit(f"error: {path} is not a readable checkpoint of this script ({type(error).__name__}); "
+                         f"delete it or choose another --name")
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Batches of sample keys (epoch, index) in a shuffled order that is a function of (seed, epoch), from
+    `start` (a resumed epoch skips the batches it has done). The epoch travels with every key, so a dataset
+    whose samples depend on it stays in step in persistent workers, which never see the parent's attributes."""
+
+    def __init__(self, n, batch_size, seed):
+        self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, 0, 0
+
+    def __len__(self):
+        return self.n // self.batch_size - self.start
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=generator(self.seed, self.epoch)).tolist()
+        for b in range(self.start, self.n // self.batch_size):  # drop_last
+            yield [(self.epoch, i) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
+
+
+def make_loader(dataset, batch_size, seed, workers, device):
+    """A DataLoader made once for the whole run: persistent workers, pinned memory on CUDA. `dataset[(epoch,
+    index)]` returns a dict of tensors; set `loader.batch_sampler.epoch` and `.start` before each epoch."""
+    return torch.utils.data.DataLoader(dataset, batch_sampler=EpochBatches(len(dataset), batch_size, seed),
+                                       num_workers=workers, persistent_workers=workers > 0,
+                                       pin_memory=device.type == "cuda")
+
+
+def default_workers(device):
+    """Data-loader processes: the machine's cores on a GPU (the device waits for nothing else), 1 on a CPU
+    (where every extra process competes with the training step for the same cores)."""
+    return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) \
+        if device.type == "cuda" else 1
+
+
+def to_device(batch, device):
+    """Copy a dict of (pinned) tensors to `device` without waiting for the copy (non_blocking)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# =========================================================================================================
+# 8. Command line: previews of the datasets
 # =========================================================================================================
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Look at a dataset: draws a contact sheet of samples with "

@@ -182,3 +182,26 @@ def test_diagnose_variance_out_removes_the_position_part_only(tmp_path):
         assert after[key] == pytest.approx(before[key], rel=1e-4)
     with pytest.raises(SystemExit):  # --out takes one extractor
         diagnose_variance.main(["--features", features, features, "--images", "3", "--out", out])
+
+
+class CastingNet(nn.Module):
+    """Has what made CPU exports fail on a GPU: a .float() cast (torch.export records its device) and arange."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x).float().softmax(1)
+        return y * torch.arange(4, device=x.device, dtype=y.dtype).view(1, 4, 1, 1)
+
+
+def test_an_export_runs_on_another_device_than_its_own():
+    """Exported on 'meta', run on the CPU: what an extractor exported on the CPU meets on a GPU. Moving the weights
+    alone fails ("Tensor device mismatch"); data.on_device also moves the devices the graph records."""
+    net = nn.Sequential(data.Normalize(data.FACE_MEAN, data.FACE_STD), CastingNet()).to("meta")
+    program = torch.export.export(net, (torch.rand(2, 3, 8, 8, device="meta"),))
+    with pytest.raises(RuntimeError, match="device"):
+        program.module().to_empty(device="cpu")(torch.rand(2, 3, 8, 8))
+    module = data.on_device(program.module(), "cpu").to_empty(device="cpu")
+    assert module(torch.rand(2, 3, 8, 8)).shape == (2, 4, 8, 8)
