@@ -1,6 +1,9 @@
 """Where does the variance of a dense feature map live: in where a location is, in which image it is, or in
 what is there?
 
+A research tool behind the measurements in docs/moco_hypercol.md and docs/byol_lead.md (no method or
+evaluation script uses it; its tests are tests/test_diagnose.py).
+
 DVE's regression head scores every location u of an image n with w . f(n, u) and takes a softmax over u. Split
 each channel c of the features, over a set of images, the way a two-way analysis of variance does:
 
@@ -25,9 +28,9 @@ average". A linear head with weights shared across locations cannot undo this, s
 how much of a score the position part carries.
 
 Run (one thread, ~1 min per 960-d hypercolumn on 64 images):
-    python tests/diagnose_variance.py --features runs/moco_hypercol/random/hypercol.pt2 \
+    python docs/diagnose_variance.py --features runs/moco_hypercol/random/hypercol.pt2 \
         runs/moco_hypercol/default/hypercol.pt2 runs/byol_lead/default/hypercol.pt2
-    python tests/diagnose_variance.py --features runs/moco_hypercol/random/hypercol.pt2 \
+    python docs/diagnose_variance.py --features runs/moco_hypercol/random/hypercol.pt2 \
         --out runs/moco_hypercol/random/hypercolnopos.pt2
 then regress the copy with the same flags as the original (docs/moco_hypercol.md lists the commands).
 """

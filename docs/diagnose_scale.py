@@ -1,5 +1,8 @@
 """Does a hypercolumn regress worse because of what it contains, or because of how large its features are?
 
+A research tool behind the measurements in docs/moco_hypercol.md and docs/byol_lead.md (no method or
+evaluation script uses it; its tests are tests/test_diagnose.py).
+
 DVE's regressor starts from N(0, 1) weights and takes a spatial softmax of 100 x (weights . feature): with
 960-d features whose norm is ~40, its softmaxes start as hard arg-maxes, and a short run spends its steps
 shrinking them. Two extractors with the same information but different feature norms can then score
@@ -14,11 +17,11 @@ differently after a short regression. This script separates the two:
   another scale.
 
 Run (one thread, ~20 s):
-    python tests/diagnose_scale.py --reference runs/moco_hypercol/random/hypercol.pt2 \
+    python docs/diagnose_scale.py --reference runs/moco_hypercol/random/hypercol.pt2 \
         --features runs/moco_hypercol/default/hypercol.pt2 --out runs/moco_hypercol/default/hypercolnorm.pt2
 then regress the copy with the same flags as the original (docs/moco_hypercol.md lists the commands). A hypercolumn at
 the scale of its own layer1 (the layer1 norm that the first command prints, here for the wild faces' run):
-    python tests/diagnose_scale.py --features runs/moco_hypercol/wild/hypercol.pt2 --dataset synth-faces-wild \
+    python docs/diagnose_scale.py --features runs/moco_hypercol/wild/hypercol.pt2 --dataset synth-faces-wild \
         --equal-norm 12.68 --out runs/moco_hypercol/wild/hypercoleq.pt2
 """
 import argparse
