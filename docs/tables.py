@@ -2,14 +2,17 @@
 untrained baseline, regress.py, match.py), skips every run whose output already exists, then prints the table
 in markdown with every number read from the runs' results files. A reader can check every number this way.
 
-    python docs/tables.py moco      # MoCo hypercolumns (moco_hypercol.py): about 35 min on a 2-core CPU
-    python docs/tables.py byol      # LEAD (byol_lead.py): about 40 min
-    python docs/tables.py equiv     # pretrained equivariant features (equiv_pretrain.py): about 50 min
+    python docs/tables.py moco      # MoCo hypercolumns (moco_hypercol.py)
+    python docs/tables.py byol      # LEAD (byol_lead.py)
+    python docs/tables.py equiv     # pretrained equivariant features (equiv_pretrain.py)
     python docs/tables.py oracle    # can the evaluation tell good features from bad? (tests/bench_oracle.py)
 
+Each takes as long as its commands together (their times are in the README and docs/<script>.md); `--dry-run`
+lists them.
+
 Options: --dry-run prints the commands without running anything; --quick runs tiny versions of them (64 px, 8
-training images, one regression epoch on 16 images: meaningless numbers, a check of the plumbing in a minute or
-two, into runs/quick/ so that they never pass for real runs); --runs-dir puts everything elsewhere.
+training images, one regression epoch on 16 images: meaningless numbers, a check of the plumbing in minutes, into
+runs/quick/ so that they never pass for real runs); --runs-dir puts everything elsewhere.
 
 What "exists" means: a training run is done when its last export is there, an evaluation when its
 results.json is (runs/regress/<name>/ and runs/match/<name>/, with the --name given below). Training commands
@@ -70,6 +73,9 @@ class Steps:
         self.list.append((["copy", source, target], target))
 
 
+MOCO_VARIANTS = ("hypercol", "layer1", "layer2", "layer3", "layer4", "proj", "nmf")  # moco_hypercol.py's exports
+
+
 def moco_steps(s):
     s.train("moco_hypercol.py", "default/nmf.pt2")  # the default run: 1 MoCo epoch, projector, NMF
     s.train("moco_hypercol.py", "random/hypercol.pt2", "--epochs", "0", "--stage", "pretrain", "--name", "random")
@@ -113,9 +119,6 @@ def oracle_steps(s):
 # ---------------------------------------------------------------------------------------------------------
 # The tables: the README's rows, every number read from a results file
 # ---------------------------------------------------------------------------------------------------------
-MOCO_VARIANTS = ("hypercol", "layer1", "layer2", "layer3", "layer4", "proj", "nmf")
-
-
 class Results:
     """Reads the runs' results files: regression errors, matching errors and Acc(d)."""
 
@@ -249,8 +252,8 @@ def run_step(argv, done, runs, quick, dry_run):
 
 
 def markdown(header, rows):
-    return "\n".join("| " + " | ".join(map(str, row)) + " |" for row in
-                     [header, ["---"] * len(header), *rows])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def main(argv=None):
