@@ -18,12 +18,14 @@ on one plot) and the discovered landmarks with regress.py --head ridge (Tab. 3-6
   python regress.py --features runs/equiv_pretrain/default/heatmaps.pt2 --head ridge
 
 Paper -> code:  Sec. 4.1 hourglass F                         -> Hourglass
-                Sec. 2 detector T, spatial soft-argmax       -> Detector, soft_argmax
-                Eq. 7 equivariant contrastive loss           -> equivariant_contrastive_loss, sample_features
+                Sec. 2 detector T, spatial soft-argmax       -> Detector, SpatialSoftmax, expected_location
+                Eq. 7 equivariant contrastive loss           -> equivariant_contrastive_loss (and its blocked
+                                                                twin for large batches), sample_features
                 Eq. 2 equivariance loss                      -> equivariance_loss
                 Eq. 3 diversity loss on patches              -> diversity_loss
                 concentration (variance) penalty             -> variance_loss
                 g (warps) and r (appearance) of Eq. 7        -> random_warp, appearance
+                one training step of each stage              -> stage1_losses, detector_losses
 
 Paper values next to our CPU defaults: 20 epochs per stage (--epochs 1 and --equiv-det-epochs 2 of 2,048
 synthetic faces) | Adam lr 3e-4 (same), lr x0.9 per epoch (same), L2 5e-4 (same, Adam's weight_decay) | tau 0.1
@@ -36,61 +38,62 @@ Choices the paper leaves open (ours, with the reason):
   is followed by BATCH NORM before its ReLU: without it the 18-conv network trained from scratch learns slowly
   at lr 3e-4 in a few hundred steps. Exports use the running statistics (eval mode).
 - Eq. 7: --equiv-points 64 locations lambda per image, uniform over the image; pairs whose g(lambda) leaves the
-  frame are dropped; features are read by bilinear interpolation at the exact sub-pixel points (grid_sample,
-  align_corners=True, the convention of data.py). The denominators hold every other sampled feature of the
-  batch, from both images (2N - 2 negatives and the positive); a feature's similarity with itself is excluded.
-  The loss is averaged over the 2N anchors (both directions of Eq. 7).
+  frame are masked out; features are read by bilinear interpolation at the exact sub-pixel points (grid_sample,
+  align_corners=True, the convention of data.py). The denominators hold every other kept feature of the batch,
+  from both images (2N - 2 negatives and the positive); a feature's similarity with itself is excluded. The
+  loss is averaged over the 2N anchors (both directions of Eq. 7).
 - g in stage 1: rotation within +-30 deg, zoom log-uniform in [1/1.25, 1.25] ("crop and zoom"), translation
   within +-10% of the width, then an elastic warp (rms 0.05 normalised, smoothness 0.2); all from data.py,
   which maps points exactly. r: brightness and contrast factors in [0.7, 1.3] and Gaussian noise with a std up
   to 0.04, per image, on the warped image only.
 - Stage 2: g = rotation within +-30 deg then the same elastic warp (the warps of match.py's Acc(d)); T = two
   3x3 convs (width 32) with ReLU and a 1x1 conv to K maps; heatmaps = spatial softmax over all pixels;
-  landmarks = soft-argmax (expected position).
+  landmarks = their expected location (soft-argmax of the logits).
 - Eq. 2 is measured in the frame of x: || y_k(x) - g^-1(y_k(g x)) ||^2 in normalised units, averaged over k
   and images. It is zero exactly when y_k(g x) = g(y_k(x)); mapping the detections of g x back with the warp's
   analytic backward map (data.Warp.backward) keeps the gradient exact, where g(y_k(x)) would differentiate
-  through Newton's iterations.
+  through Newton's iterations. The image g x is warped in float32 even under --amp, so that it moves by exactly
+  the map that Eq. 2 uses.
 - Eq. 3 (the paper's exact formula could not be consulted offline; this is the form of Thewlis et al. 2017
   that it cites, as we read it): max-pool every heatmap over non-overlapping patches (8x8 at 128 px: 6x6 at
   96 px), then sum over patches of (sum_k pooled_k - max_k pooled_k): zero when no two heatmaps have mass in a
   common patch, (K - 1) x peak when all coincide. Summed over patches, averaged over images.
 - Concentration: sum_k trace Cov(h_k) in normalised units, averaged over images.
-- Weights and sharpness (the paper gives neither): equivariance 1, diversity 3 (--equiv-div-weight), concentration
-  1 (--equiv-var-weight), and T's output multiplied by 10 before the softmax (--equiv-logit-scale). Measured on
-  the default run's stage 2 (frozen F of stage 1): with scale 1 the heatmaps were still blurred after 256 steps
-  (a softmax over 9,216 pixels needs logit gaps ~9, which Adam at 3e-4 grows slowly); with scale 1, concentration
-  1 and diversity 1 all ten landmarks collapsed onto one eye, and with diversity 10 they stayed blurred. Scale 10,
-  diversity 3, concentration 1 gave ten sharp, distinct landmarks (eyes, nose, mouth, cheeks) within one epoch.
+- Weights and sharpness (the paper gives neither): equivariance 1, diversity 3 (--equiv-div-weight),
+  concentration 1 (--equiv-var-weight), and T's output multiplied by 10 before the softmax
+  (--equiv-logit-scale): the combination that gave ten sharp, distinct landmarks within one epoch on the
+  synthetic faces (the runs behind it are in docs/equiv_pretrain.md).
 - --end-to-end trains F and T together for --epochs + --equiv-det-epochs epochs: as many steps as the two
   stages took together.
 
 Deviations, each deliberate:
-- The warps and appearance changes are drawn in the training step from the global torch generator, whose
-  state the checkpoint holds: resume is exact (the data loader only renders images).
 - 96 px instead of the paper's 128 px; lengths scaled accordingly.
+- Every random draw after initialisation (warps, points lambda, appearance) comes from data.generator(seed,
+  step), drawn on the CPU and moved to the device; the data loader only renders the images (uint8). Resume is
+  exact with a checkpoint of weights, optimiser, scheduler and step only.
+
+On a GPU: --amp auto picks bf16 or fp16 with loss scaling by the GPU's generation, --deterministic makes what
+can be bit-exact so (see --help for both); --workers defaults to the machine's cores there.
 
 Smallest run: `python equiv_pretrain.py --train-images 256 --equiv-det-epochs 1 --name tiny`: 16 steps of each
 stage, a bar per epoch and a summary line per epoch and stage, then runs/equiv_pretrain/tiny/{features,heatmaps}.pt2
-and landmarks.png, in 1-2 minutes on 2 CPU cores. Measured with one thread on a shared 2-core CPU (load ~5):
-the default run (2,048 faces) took 9.5 minutes (stage 1: 128 steps, 324 s, 6.3 images/s; stage 2: 256 steps,
-223 s, 18 images/s); `--end-to-end` took 15 minutes (384 steps, 6-8 images/s). What it gives (default run, then
-the commands above): Acc(15 px) 0.99 for the two-step features against 0.65 end to end; see the README.
+and landmarks.png, in a few minutes on 2 CPU cores (timings in docs/equiv_pretrain.md).
 """
 import argparse
 import copy
-import json
 import os
 import random
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import data
+
+SCRIPT = "equiv_pretrain"
 
 
 # =========================================================================================================
@@ -110,16 +113,17 @@ def get_args(argv=None):
     add("--train-images", type=int, default=2048, help="use only the first N training images (0: all)")
     add("--arch", default="hourglass", choices=["hourglass"], help="feature extractor F (Sec. 4.1); its widths "
         "are --equiv-widths")
-    add("--epochs", type=int, default=1, help="epochs of stage 1 (paper 20); 0 exports untrained networks (F and T: "
-        "stage 2 then trains no epoch either)")
+    add("--epochs", type=int, default=1, help="epochs of stage 1 (paper 20); 0 exports untrained networks (F and "
+        "T: stage 2 then trains no epoch either)")
     add("--batch-size", type=int, default=16, help="images per step, every stage")
     add("--lr", type=float, default=3e-4, help="Adam learning rate, x0.9 per epoch, every stage (paper 3e-4)")
-    add("--workers", type=int, default=1, help="data-loader processes; they render the images")
-    add("--amp", default="auto", choices=["auto", "bf16", "none"], help="bfloat16 autocast; auto: on cpu and "
-        "cuda (1.6-1.9x faster on a CPU, same results)")
+    add("--workers", type=int, default=None, help="data-loader processes, which only render the images "
+        "(default: 1 on a CPU, the machine's cores on a GPU)")
+    add("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help=data.AMP_HELP)
     add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, then cpu")
     add("--seed", type=int, default=0, help="seeds the initialisation, the data order and the augmentations")
-    add("--deterministic", action=switch, default=False, help="bit-exact reruns and resumes (slower on GPUs)")
+    add("--deterministic", action=switch, default=False, help=data.DETERMINISTIC_HELP)
+    add("--log-every", type=int, default=10, help="show the loss every N steps (reading it makes a GPU wait)")
     add("--name", default="default", help="run name: everything goes to <runs-dir>/equiv_pretrain/<name>/")
     add("--runs-dir", default="runs", help="root of the run directories")
     add("--resume", action=switch, default=False, help="continue each stage from its checkpoint")
@@ -158,11 +162,13 @@ def get_args(argv=None):
         p.error("--equiv-widths takes four comma-separated positive integers, e.g. 32,64,128,128")
     if args.end_to_end and args.stage != "all":
         p.error("--end-to-end trains F and T in one stage; drop --stage")
+    if args.log_every < 1:
+        p.error("--log-every takes a positive number of steps")
     return args
 
 
 # =========================================================================================================
-# Model: the hourglass F, the detector T, the spatial soft-argmax
+# Model: the hourglass F, the detector T, the spatial softmax and the expected location
 # =========================================================================================================
 def conv_block(c_in, c_out):
     """Two 3x3 convolutions, each followed by batch norm and ReLU."""
@@ -218,9 +224,10 @@ class SpatialSoftmax(nn.Module):
         return logits.flatten(2).float().softmax(-1).view(logits.shape)
 
 
-def soft_argmax(heatmaps):
-    """Heatmaps (B, K, H, W) summing to 1 -> expected (x, y) in normalised [-1, 1] coordinates (B, K, 2), pixel
-    centres on linspace(-1, 1) (align_corners=True, as regress.py's ridge head)."""
+def expected_location(heatmaps):
+    """Heatmaps (B, K, H, W) of PROBABILITIES -> their expected (x, y) in normalised [-1, 1] coordinates
+    (B, K, 2), pixel centres on linspace(-1, 1) (align_corners=True, as regress.py's ridge head). Applied to
+    SpatialSoftmax's output this is the soft-argmax of the logits (regress.py's soft_argmax takes logits)."""
     grid = data.identity_grid(*heatmaps.shape[-2:], heatmaps.device, heatmaps.dtype).reshape(-1, 2)  # HW x 2
     return heatmaps.flatten(2) @ grid
 
@@ -234,16 +241,36 @@ def sample_features(f, points):
     return F.grid_sample(f, grid, mode="bilinear", align_corners=True)[..., 0].transpose(1, 2)
 
 
-def equivariant_contrastive_loss(f, f_prime, tau):
+def equivariant_contrastive_loss(f, f_prime, tau, keep):
     """Eq. 7, symmetric: for every pair i, -log exp(s(f_i, f'_i) / tau) / sum_{v != f_i} exp(s(f_i, v) / tau),
     and the same with f'_i as the anchor, averaged over the 2N anchors; s is the cosine similarity and v runs
-    over all 2N sampled features of the batch except the anchor itself. f, f_prime: N x D, row i a pair."""
+    over all 2N sampled features of the batch except the anchor itself. f, f_prime: N x D, row i a pair;
+    keep: N booleans, False for a pair that is neither anchor nor negative (its point left the frame)."""
     z = F.normalize(torch.cat([f, f_prime]).float(), dim=1)  # 2N x D
-    n = len(f)
+    n, kept = len(f), torch.cat([keep, keep])  # kept: 2N
     logits = z @ z.T / tau  # 2N x 2N
-    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))  # no self
+    excluded = torch.eye(2 * n, dtype=torch.bool, device=z.device) | ~kept  # no self, no dropped feature
     positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)  # f_i <-> f'_i
-    return F.cross_entropy(logits, positives)
+    return F.cross_entropy(logits.masked_fill(excluded, float("-inf")), positives.where(kept, -100))  # -100: ignored
+
+
+def equivariant_contrastive_loss_blocked(f, f_prime, tau, keep, rows=1024):
+    """equivariant_contrastive_loss (Eq. 7) computed `rows` anchors at a time, each block's (rows x 2N) logits
+    recomputed in the backward pass (activation checkpointing): the memory of one block instead of the (2N)^2
+    logits (32,768^2 floats, 4 GB per copy, at batch 256 with 64 points). Same value and gradient."""
+    z = F.normalize(torch.cat([f, f_prime]).float(), dim=1)  # 2N x D
+    n, kept = len(f), torch.cat([keep, keep])
+    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device).where(kept, -100)
+
+    def block(z, start):  # the summed cross-entropy of anchors start .. start + rows
+        logits = z[start:start + rows] @ z.T / tau  # rows x 2N
+        itself = torch.arange(start, start + len(logits), device=z.device)[:, None] == torch.arange(2 * n,
+                                                                                                   device=z.device)
+        logits = logits.masked_fill(itself | ~kept, float("-inf"))
+        return F.cross_entropy(logits, positives[start:start + rows], reduction="sum")
+
+    total = sum(checkpoint(block, z, start, use_reentrant=False) for start in range(0, 2 * n, rows))
+    return total / kept.sum()
 
 
 def equivariance_loss(points, points_warped, warp):
@@ -269,138 +296,125 @@ def variance_loss(heatmaps):
 
 
 # =========================================================================================================
-# Method-specific augmentations: the warps g and the appearance change r
+# Views: the warps g and the appearance change r, drawn in the step for the whole batch
 # =========================================================================================================
-def random_warp(n, args, device, zoom_and_shift):
+class Images(torch.utils.data.Dataset):
+    """The worker's share: training image `index` as uint8 (3, H, W) for a key (epoch, index) of
+    data.make_loader's sampler. Nothing random happens here: the views are drawn on the device, in the step."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        return {"image": (self.dataset[key[1]]["image"] * 255).round().to(torch.uint8)}
+
+
+def random_warp(n, args, g, device, zoom_and_shift):
     """g as a data.Warp: a rotation about the centre, with a zoom ("crop and zoom") and a shift for Eq. 7
-    (stage 1) or without them for Eq. 2 (stage 2: the warps of match.py's Acc(d)), then an elastic warp."""
+    (stage 1) or without them for Eq. 2 (stage 2: the warps of match.py's Acc(d)), then an elastic warp. The
+    parameters come from the CPU generator `g` and are moved to `device`."""
     zoom = (1 / args.equiv_zoom, args.equiv_zoom) if zoom_and_shift else (1.0, 1.0)
     shift = args.equiv_translation if zoom_and_shift else 0.0
-    return data.random_affine(n, args.equiv_rotation, zoom, shift, device=device).then(
-        data.random_elastic(n, alpha=args.equiv_elastic, sigma=0.2, device=device))
+    return data.random_affine(n, args.equiv_rotation, zoom, shift, generator=g, device=device).then(
+        data.random_elastic(n, alpha=args.equiv_elastic, sigma=0.2, generator=g, device=device))
 
 
-def appearance(images, jitter, noise):
+def appearance(images, jitter, noise, g):
     """r of Eq. 7 on (B, 3, H, W) images in [0, 1]: brightness and contrast factors within 1 +- jitter, then
-    Gaussian noise of a std uniform in [0, noise], each drawn per image."""
-    b = len(images)
-    brightness, contrast = (1 + jitter * (2 * torch.rand(2, b, 1, 1, 1, device=images.device) - 1)).unbind(0)
+    Gaussian noise of a std uniform in [0, noise], each drawn per image from the CPU generator `g`; the noise
+    itself is drawn where the images are, by a generator seeded from g (no image-sized copy to the device)."""
+    b, device = len(images), images.device
+    u = torch.rand(3, b, 1, 1, 1, generator=g).to(device)  # brightness, contrast, noise level: 3 x B x 1 x 1 x 1
+    brightness, contrast, sigma = 1 + jitter * (2 * u[0] - 1), 1 + jitter * (2 * u[1] - 1), noise * u[2]
     images = images * brightness
     mean = images.mean((1, 2, 3), keepdim=True)
     images = (images - mean) * contrast + mean  # contrast about the image's mean grey
-    sigma = noise * torch.rand(b, 1, 1, 1, device=images.device)
-    return (images + sigma * torch.randn_like(images)).clamp(0, 1)
+    on_device = torch.Generator(device).manual_seed(random.Random(g.initial_seed()).getrandbits(63))
+    return (images + sigma * torch.randn(images.shape, generator=on_device, device=device)).clamp(0, 1)
 
 
 # =========================================================================================================
-# Run boilerplate (identical in every method file): device, seeds, run directory, checkpoints, the loop
+# One training step of each stage: the views, the forward pass and the loss terms (the update is in main)
 # =========================================================================================================
-SCRIPT = os.path.splitext(os.path.basename(__file__))[0]
+BLOCKED_FROM = 4096  # pairs N from which Eq. 7 is computed in blocks: (2N)^2 logits would exceed 256 MB
 
 
-def choose_device(name):
-    """'auto' picks cuda, then mps, then cpu; a device that is not there stops with one sentence."""
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    name = next(d for d in ("cuda", "mps", "cpu") if available[d]) if name == "auto" else name
-    if not available[name]:
-        raise SystemExit(f"error: --device {name} is not available on this machine; use --device cpu")
-    return torch.device(name)
+def channels_last(x):
+    return x.contiguous(memory_format=torch.channels_last)  # faster convolutions on a CPU
 
 
-def seed_everything(seed, deterministic):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
-    torch.use_deterministic_algorithms(deterministic)  # bit-exact reruns; some GPU kernels get slower
-    torch.backends.cudnn.benchmark = not deterministic
+def stage1_losses(model, x, args, g, normalize, dtype):
+    """Eq. 7 on a batch x (B, 3, S, S) in [0, 1]: {"loss": the equivariant contrastive loss}."""
+    warp = random_warp(len(x), args, g, x.device, zoom_and_shift=True)
+    x_prime = appearance(data.warp_images(x, warp), args.equiv_jitter, args.equiv_noise, g)  # r(g(x))
+    lam = (2 * torch.rand(len(x), args.equiv_points, 2, generator=g) - 1).to(x.device)  # B x P x 2, normalised
+    lam_prime = warp.forward(lam)  # g(lambda), exact (NaN if lost: never for these warps)
+    keep = (lam_prime.abs() <= 1).all(-1).flatten()  # B P: g(lambda) still on the image
+    with data.autocast(x.device, dtype):
+        f, f_prime = model(channels_last(normalize(torch.cat([x, x_prime])))).float().chunk(2)  # B x D x S x S
+    pairs = sample_features(f, lam).flatten(0, 1), sample_features(f_prime, lam_prime.nan_to_num()).flatten(0, 1)
+    loss = equivariant_contrastive_loss if len(keep) < BLOCKED_FROM else equivariant_contrastive_loss_blocked
+    return {"loss": loss(*pairs, args.equiv_tau, keep)}  # pairs: B P x D each
 
 
-def autocast(device, amp):
-    """bfloat16 autocast (needs no loss scaling); 'auto' turns it on on cpu and cuda."""
-    enabled = amp == "bf16" or (amp == "auto" and device.type in ("cpu", "cuda"))
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+def detector_losses(features, detector, x, args, g, normalize, dtype, train_features):
+    """Eq. 2 + Eq. 3 + concentration on a batch x (B, 3, S, S) in [0, 1]: the three terms and their weighted
+    sum "loss". F gets gradients only if `train_features` (--end-to-end)."""
+    warp = random_warp(len(x), args, g, x.device, zoom_and_shift=False)
+    x_warped = data.warp_images(x, warp)  # float32, outside autocast: the exact map equivariance_loss undoes
+    with data.autocast(x.device, dtype), torch.set_grad_enabled(train_features):
+        f = features(channels_last(normalize(torch.cat([x, x_warped]))))  # 2B x D x S x S
+    with data.autocast(x.device, dtype):
+        heatmaps = SpatialSoftmax()(detector(f))  # 2B x K x S x S, float32
+    h, h_prime = heatmaps.chunk(2)
+    patch = max(1, round(8 * args.image_size / 128))  # Eq. 3's 8x8 patches at 128 px: 6x6 at 96 px
+    terms = {"equivariance": equivariance_loss(expected_location(h), expected_location(h_prime), warp),
+             "diversity": diversity_loss(heatmaps, patch), "concentration": variance_loss(heatmaps)}
+    return {"loss": terms["equivariance"] + args.equiv_div_weight * terms["diversity"] +
+            args.equiv_var_weight * terms["concentration"], **terms}
 
 
-def start_stage(args, stage):
-    """Create <runs-dir>/<script>/<name>/, write args_<stage>.json there and return the directory."""
-    run = os.path.join(args.runs_dir, SCRIPT, args.name)
-    if os.path.exists(os.path.join(run, f"checkpoint_{stage}.pt")) and not args.resume:
-        raise SystemExit(f"error: {run} already holds a {stage} checkpoint; pass --resume to continue it or "
-                         f"--name to start another run")
-    os.makedirs(run, exist_ok=True)
-    with open(os.path.join(run, f"args_{stage}.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
-    return run
-
-
-def log(run, stage, record):
-    """Append a record to log_<stage>.jsonl and print it as the summary line."""
-    with open(os.path.join(run, f"log_{stage}.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-
-
-def save_checkpoint(path, **content):
-    torch.save(content, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
-
-
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)  # our own file; RNG states are numpy
-    except Exception as error:
-        raise SystemExit(f"error: {path} is not a readable checkpoint of {SCRIPT}.py ({type(error).__name__}); "
-                         f"delete it or choose another --name")
-
-
-def fit(args, stage, run, dataset, train_step, state, epochs, batch_size):
-    """The loop of every stage: a seeded order per epoch, a tqdm bar, the log, an atomic checkpoint per epoch
-    and exact resume. `train_step(batch) -> float loss` does one optimisation step; `state` names everything
-    with a state_dict (models, optimiser, scheduler, queue). Returns False if --stop-after-steps stopped it."""
-    path, epoch, step = os.path.join(run, f"checkpoint_{stage}.pt"), 0, 0
+# =========================================================================================================
+# Training loop
+# =========================================================================================================
+def train(args, stage, run, loader, step_fn, state, epochs, device):
+    """The loop of every stage: a tqdm bar per epoch, one log line per epoch, an atomic checkpoint per epoch and
+    exact resume (the checkpoint holds `state`, models, optimiser, scheduler, scaler, and the step: every random
+    draw is a function of the seed and the step). `step_fn(batch, g)` makes one update and returns its loss
+    terms as tensors ({"loss": ..., ...}), read only when logged. False if --stop-after-steps stopped it."""
+    path, step = os.path.join(run, f"checkpoint_{stage}.pt"), 0
     if args.resume and os.path.exists(path):
-        checkpoint = load_checkpoint(path)
+        checkpoint = data.load_checkpoint(path)
         for key, obj in state.items():
             obj.load_state_dict(checkpoint["state"][key])
-        epoch, step = checkpoint["epoch"], checkpoint["step"]
-        random.setstate(checkpoint["rng"]["python"])
-        np.random.set_state(checkpoint["rng"]["numpy"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if checkpoint["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-        print(f"{stage}: resumed {path} at epoch {epoch}, step {step}")
-    per_epoch = len(dataset) // batch_size
-    if per_epoch == 0 and epochs > 0:
-        raise SystemExit(f"error: {len(dataset)} training images do not fill a batch of {batch_size}")
+        step = checkpoint["step"]
+        print(f"{stage}: resumed {path} at step {step}")
+    per_epoch = loader.batch_sampler.n // loader.batch_sampler.batch_size  # steps per epoch
 
     def save():
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        save_checkpoint(path, state={key: obj.state_dict() for key, obj in state.items()}, epoch=epoch,
-                        step=step, rng=rng, args=vars(args))
+        data.save_checkpoint(path, state={k: o.state_dict() for k, o in state.items()}, step=step, args=vars(args))
 
-    while epoch < epochs:
-        done = step - epoch * per_epoch  # steps of this epoch already taken before a resume
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
-        dataset.epoch = epoch  # random samples (augmented views) are a function of (seed, epoch, index)
-        loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=order[done * batch_size:].tolist(),
-                                             drop_last=True, num_workers=args.workers,
-                                             generator=torch.Generator())  # leaves the global RNG alone
+    for epoch in range(step // per_epoch, epochs):
+        loader.batch_sampler.epoch, loader.batch_sampler.start = epoch, step % per_epoch
+        sums, done, start = {}, step % per_epoch, time.time()
         bar = tqdm(loader, desc=f"{stage} epoch {epoch + 1}/{epochs}", initial=done, total=per_epoch)
-        total, start = 0.0, time.time()
         for batch in bar:
-            loss = train_step(batch)
-            step, total = step + 1, total + loss
-            bar.set_postfix(loss=f"{loss:.4f}")
+            terms = step_fn(data.to_device(batch, device), data.generator(args.seed, step))  # tensors: no sync
+            sums, step = {k: sums.get(k, 0) + v.detach() for k, v in terms.items()}, step + 1
+            if step % args.log_every == 0:
+                bar.set_postfix(loss=f"{terms['loss'].item():.4f}")  # the only host sync of a step
             if step == args.stop_after_steps:
                 save()
                 print(f"{stage}: stopped after step {step} (--stop-after-steps); continue with --resume")
                 return False
-        epoch, seconds = epoch + 1, time.time() - start
-        log(run, stage, {"stage": stage, "epoch": epoch, "step": step, "loss": total / (per_epoch - done),
-                         "lr": state["optimizer"].param_groups[0]["lr"], "seconds": round(seconds, 1),
-                         "images_per_s": round((per_epoch - done) * batch_size / seconds, 1)})
+        seconds, n = time.time() - start, per_epoch - done
+        data.log(run, stage, {"stage": stage, "epoch": epoch + 1, "step": step,
+                              **{k: v.item() / n for k, v in sums.items()},
+                              "lr": state["optimizer"].param_groups[0]["lr"], "seconds": round(seconds, 1),
+                              "images_per_s": round(n * args.batch_size / seconds, 1)})
         save()
     save()  # also when there was nothing to train (--epochs 0): later stages read this checkpoint
     return True
@@ -435,14 +449,14 @@ def save_pictures(path, images, maps, title):
 
 
 def landmark_pictures(images, heatmaps):
-    """Images (n, 3, H, W) in [0, 1] with the soft-argmax of their heatmaps (n, K, H, W) drawn as coloured 3x3
-    dots, and the heatmaps themselves, each scaled to its peak and coloured like its dot (Fig. 3-5 style)."""
+    """Images (n, 3, H, W) in [0, 1] with the expected locations of their heatmaps (n, K, H, W) drawn as coloured
+    3x3 dots, and the heatmaps themselves, each scaled to its peak and coloured like its dot (Fig. 3-5 style)."""
     import matplotlib.colors
     n, k, height, width = heatmaps.shape
     hsv = torch.stack([(torch.arange(k) * 0.618034) % 1, torch.full((k,), 0.9), torch.ones(k)], 1)  # golden-ratio
     rgb = torch.tensor(matplotlib.colors.hsv_to_rgb(hsv.numpy()), dtype=torch.float32)  # hues: K x 3 colours
     dotted = images.clone()
-    points = data.to_pixels(soft_argmax(heatmaps), (height, width)).round().long()  # n x K x 2
+    points = data.to_pixels(expected_location(heatmaps), (height, width)).round().long()  # n x K x 2
     for i in range(n):
         for j, (x, y) in enumerate(points[i].tolist()):
             dotted[i, :, max(y - 1, 0):y + 2, max(x - 1, 0):x + 2] = rgb[j].view(3, 1, 1)
@@ -450,120 +464,97 @@ def landmark_pictures(images, heatmaps):
     return dotted, torch.einsum("nkhw,kc->nchw", peaks, rgb).clamp(0, 1)
 
 
-def load_features(args, run, device):
+def load_features(run, device):
     """F from this run's checkpoint_stage1.pt, frozen and in eval mode (batch norm uses its running statistics)."""
     path = os.path.join(run, "checkpoint_stage1.pt")
     if not os.path.exists(path):
         raise SystemExit(f"error: no pretrained features at {path}; run --stage 1 with this --name first")
-    checkpoint = load_checkpoint(path)
+    checkpoint = data.load_checkpoint(path)
     model = Hourglass(checkpoint["args"]["equiv_widths"], checkpoint["args"]["equiv_dim"])
     model.load_state_dict(checkpoint["state"]["model"])
     return model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
 
 
 # =========================================================================================================
-# Main: seed, device, data, then the stages (model and optimiser, resume, loop, save, export)
+# Main: seed, device, data, then the stages (model and optimiser, train, exports)
 # =========================================================================================================
 def main(argv=None):
     args = get_args(argv)
-    device = choose_device(args.device)
+    device, stages = data.choose_device(args.device), ["end2end"] if args.end_to_end else \
+        ["stage1", "stage2"] if args.stage == "all" else [f"stage{args.stage}"]
+    dtype = data.amp_dtype(device, args.amp)
     try:  # RGB in [0, 1]: warps and appearance changes act before normalising
         info = data.make_dataset(args.dataset, "train", root=args.data_root, size=args.image_size, normalize=False)
     except data.DatasetError as error:
         raise SystemExit(f"error: {error}")
-    train_set = torch.utils.data.Subset(info, range(min(args.train_images or len(info), len(info))))
+    train_set = Images(torch.utils.data.Subset(info, range(min(args.train_images or len(info), len(info)))))
+    if len(train_set) < args.batch_size:
+        raise SystemExit(f"error: {len(train_set)} training images do not fill a batch of {args.batch_size}")
+    workers = data.default_workers(device) if args.workers is None else args.workers
+    loader = data.make_loader(train_set, args.batch_size, args.seed, workers, device)
     try:  # the landmark pictures show test images when the dataset has a test split
         shown = data.make_dataset(args.dataset, "test", root=args.data_root, size=args.image_size, normalize=False)
     except data.DatasetError:
-        shown = train_set
+        shown = info
     figure_images = torch.stack([shown[i]["image"] for i in range(min(8, len(shown)))])  # 8 x 3 x H x W
     normalize = data.Normalize(info.mean, info.std).to(device)
     per_epoch = len(train_set) // args.batch_size
-    channels_last = lambda x: x.contiguous(memory_format=torch.channels_last)  # noqa: E731 (faster convs on CPU)
-    stages = ["end2end"] if args.end_to_end else ["stage1", "stage2"] if args.stage == "all" else [f"stage{args.stage}"]
 
-    def adam(params):  # every stage: Adam with L2 5e-4, lr x0.9 per epoch (stepped per step, as a function of it)
+    def optimiser(params):  # every stage: Adam with L2 5e-4, lr x0.9 per epoch (a function of the step)
         optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=5e-4)
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.9 ** (step // max(per_epoch, 1)))
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.9 ** (step // per_epoch)), \
+            data.grad_scaler(device, dtype)
 
-    def update(loss, optimizer, scheduler):
+    def update(terms, optimizer, scheduler, scaler):
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(terms["loss"]).backward()  # scaling only for fp16
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
-        return loss.item()
+        return terms
+
+    def images(batch):  # uint8 -> float in [0, 1], on the device
+        return batch["image"].float() / 255
 
     if "stage1" in stages:  # ---- F by the equivariant contrastive loss, Eq. 7 ------------------------------------
-        run = start_stage(args, "stage1")
-        seed_everything(args.seed, args.deterministic)
+        run = data.start_run(args.runs_dir, SCRIPT, args.name, "stage1", args, args.resume)
+        data.seed_everything(args.seed, args.deterministic)
         model = Hourglass(args.equiv_widths, args.equiv_dim).to(device, memory_format=torch.channels_last).train()
-        optimizer, scheduler = adam(model.parameters())
-
-        def stage1_step(batch):
-            x = batch["image"].to(device)  # B x 3 x S x S in [0, 1]
-            warp = random_warp(len(x), args, device, zoom_and_shift=True)
-            x_prime = appearance(data.warp_images(x, warp), args.equiv_jitter, args.equiv_noise)  # r(g(x))
-            lam = 2 * torch.rand(len(x), args.equiv_points, 2, device=device) - 1  # B x P x 2, normalised
-            lam_prime = warp.forward(lam)  # g(lambda), exact (NaN if lost: never for these warps)
-            keep = (lam_prime.abs() <= 1).all(-1)  # B x P: g(lambda) still on the image
-            with autocast(device, args.amp):
-                f, f_prime = model(channels_last(normalize(torch.cat([x, x_prime])))).float().chunk(2)  # B x D x S x S
-            pairs = sample_features(f, lam)[keep], sample_features(f_prime, lam_prime.nan_to_num())[keep]  # N x D
-            return update(equivariant_contrastive_loss(*pairs, args.equiv_tau), optimizer, scheduler)
-
-        state = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
-        if not fit(args, "stage1", run, train_set, stage1_step, state, args.epochs, args.batch_size):
+        optimizer, scheduler, scaler = optimiser(model.parameters())
+        state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+        step_fn = lambda batch, g: update(stage1_losses(model, images(batch), args, g, normalize, dtype),  # noqa: E731
+                                          optimizer, scheduler, scaler)
+        if not train(args, "stage1", run, loader, step_fn, state, args.epochs, device):
             return
         export(model.eval(), run, "features", info, args, [["features", 0, args.equiv_dim]])
 
     if {"stage2", "end2end"} & set(stages):  # ---- the detector T, Eq. 2-3 + concentration -----------------------
         end2end = args.end_to_end
         stage, prefix = ("end2end", "end2end_") if end2end else ("stage2", "")
-        run = start_stage(args, stage)
-        seed_everything(args.seed, args.deterministic)
+        run = data.start_run(args.runs_dir, SCRIPT, args.name, stage, args, args.resume)
+        data.seed_everything(args.seed, args.deterministic)
         if end2end:  # the baseline: F from scratch, trained by the detector's loss alone
             features = Hourglass(args.equiv_widths, args.equiv_dim).to(device, memory_format=torch.channels_last)
         else:
-            features = load_features(args, run, device)
+            features = load_features(run, device)
         detector = Detector(args.equiv_dim, args.equiv_k, args.equiv_det_width, args.equiv_logit_scale)
         detector = detector.to(device, memory_format=torch.channels_last)
-        optimizer, scheduler = adam(list(detector.parameters()) + (list(features.parameters()) if end2end else []))
-        patch = max(1, round(8 * args.image_size / 128))  # Eq. 3's 8x8 patches at 128 px: 6x6 at 96 px
-        terms = {"steps": 0}  # running sums of the three terms, for the log
-
-        def detector_step(batch):
-            x = batch["image"].to(device)  # B x 3 x S x S in [0, 1]
-            warp = random_warp(len(x), args, device, zoom_and_shift=False)
-            with autocast(device, args.amp), torch.set_grad_enabled(end2end):
-                f = features(channels_last(normalize(torch.cat([x, data.warp_images(x, warp)]))))  # 2B x D x S x S
-            with autocast(device, args.amp):
-                heatmaps = SpatialSoftmax()(detector(f))  # 2B x K x S x S, float32
-            h, h_prime = heatmaps.chunk(2)
-            parts = {"equivariance": equivariance_loss(soft_argmax(h), soft_argmax(h_prime), warp),
-                     "diversity": diversity_loss(heatmaps, patch), "concentration": variance_loss(heatmaps)}
-            terms["steps"] += 1
-            for key, value in parts.items():
-                terms[key] = terms.get(key, 0.0) + value.item()
-            loss = parts["equivariance"] + args.equiv_div_weight * parts["diversity"] + \
-                args.equiv_var_weight * parts["concentration"]
-            return update(loss, optimizer, scheduler)
-
-        state = {"detector": detector, "optimizer": optimizer, "scheduler": scheduler} | (
+        optimizer, scheduler, scaler = optimiser(list(detector.parameters()) +
+                                                 (list(features.parameters()) if end2end else []))
+        state = {"detector": detector, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler} | (
             {"features": features} if end2end else {})
+        step_fn = lambda batch, g: update(detector_losses(features, detector, images(batch), args, g,  # noqa: E731
+                                                          normalize, dtype, end2end), optimizer, scheduler, scaler)
         epochs = (args.epochs + args.equiv_det_epochs if end2end else args.equiv_det_epochs) if args.epochs else 0
         features.train(end2end)
-        done = fit(args, stage, run, train_set, detector_step, state, epochs, args.batch_size)
-        steps = terms.pop("steps")
-        if steps:  # the mean of each term over the steps of this invocation
-            log(run, stage, {"stage": stage, "steps": steps, **{key: value / steps for key, value in terms.items()}})
-        if not done:
+        if not train(args, stage, run, loader, step_fn, state, epochs, device):
             return
         features.eval()
         if end2end:
             export(features, run, "end2end_features", info, args, [["features", 0, args.equiv_dim]])
         extractor = nn.Sequential(features, detector, SpatialSoftmax())
         export(extractor, run, f"{prefix}heatmaps", info, args, [["landmarks", 0, args.equiv_k]], "heatmaps")
-        with torch.no_grad(), autocast(device, args.amp):
+        with torch.no_grad(), data.autocast(device, dtype):
             heatmaps = extractor(channels_last(normalize(figure_images.to(device)))).float().cpu()  # 8 x K x S x S
         save_pictures(os.path.join(run, f"{prefix}landmarks.png"), *landmark_pictures(figure_images, heatmaps),
                       f"{args.equiv_k} discovered landmarks, {'end to end' if end2end else 'two-step'}, "
