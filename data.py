@@ -1847,70 +1847,23 @@ class ImageFolderUnlabelled(_LandmarkDataset):
 # =========================================================================================================
 # 4. Warps that move images and points together
 #
-# Warps that move images and points together: thin-plate spline (TPS), affine, elastic, and compositions.
-#
-# Conventions
-# -----------
-# * Coordinates: warps work in normalised (x, y) in [-1, 1], the ``grid_sample(align_corners=True)``
-#   convention where -1 and +1 are the CENTRES of the first and last pixel. Pixel coordinates put pixel centres
-#   at integers: normalised = 2 * px / (size - 1) - 1 (``to_normalised``, ``to_pixels``). Only ``warp_points``
-#   and ``in_frame`` take pixels.
-# * Directions: a warp turns an INPUT image into an OUTPUT image; its maps take (N, P, 2) point batches.
-#   ``backward(uv)``: output -> input, the sampling map (output pixel u shows the input at backward(u)).
-#   ``grid(H, W)``: backward at every output pixel, (N, H, W, 2), what grid_sample needs and the dense
-#   correspondence "output pixel -> input location".
-#   ``forward(xy)``: input -> output, where an input landmark lands. TPS and elastic warps are defined by their
-#   backward map, so forward inverts it numerically (damped Newton with the analytic Jacobian, started from
-#   the best node of a coarse lattice) to a residual of 1e-6 normalised (~5e-5 px at 96 px); the affine warp
-#   inverts in closed form.
-# * ``a.then(b)`` is "first a, then b": ``warp_images(x, a.then(b))`` ~ ``warp_images(warp_images(x, a), b)``.
-# * Points that leave the frame are never clamped; ``in_frame(points_px, size)`` tells which are on the image.
-#
-# Thin-plate spline (DVE, Thewlis et al. 2019, utils/tps.py; PROTOCOL.md section 4)
-# --------------------------------------------------------------------------------
-# backward(u) = [U(|u - c_1|^2) ... U(|u - c_100|^2) | 1 | x | y] @ W, c_k a 10x10 grid over [-1, 1]^2 (x
-# varying fastest), U(D) = D log(D + 1e-5), W (103, 2) per sample: 100 rows of non-rigid weights, then the
-# affine rows (tx, ty), (s cos r, -s sin r), (s sin r, s cos r). Random W: non-rigid ~ N(0, sd_all), each
-# entry replaced with probability 1/2 by a draw from N(0, sd_subset); r ~ N(0, rot_sd) degrees,
-# s = 1 + N(0, scale_sd), tx, ty ~ N(0, trans_sd). Presets (``TPS_PRESETS``):
-#   "pair"   sd_all 1e-3, sd_subset 1e-2, trans 0.1, scale 0.1, rot 5: self-supervised training pairs.
-#            ``tps_training_pair``: image 1 = input warped by a draw with the non-rigid sds halved (DVE's
-#            im1_multiplier 0.5), image 2 = image 1 warped again by an independent full draw.
-#   "match"  every sd of "pair" halved, both draws unscaled: the matching benchmark pairs.
-#   "single" sd_all 5e-4, sd_subset 0 (so about half the non-rigid weights are exactly 0, as in DVE's
-#            WarperSingle), trans 0.02, scale 0.02, rot 2: few-shot augmentation, one warp.
-#
-# Folds (TPS only)
-# ----------------
-# Nothing keeps DVE's random TPS one-to-one. Over 1000 draws, the sampling map folds over (det J < 0) inside
-# the frame for 12.5% of "pair" draws, 0.2% of halved-non-rigid "pair" and of "match" draws, and never for
-# "single". Where it folds, part of the input shows twice in the output and a nearby part not at all.
-# ``forward`` then returns the solution inside the output frame (where the point is seen; one of the two when
-# it is seen twice), else one outside it, and NaN for an input point that no output location shows: ~3% of
-# face landmarks (the central 60 px of 96) in image 2 of a "pair" training pair, <0.1% for "match".
-# ``in_frame`` is False for NaN, so filtering with it drops them.
-#
-# Deviations from DVE, and why
-# ----------------------------
-# * Exact points: DVE moves each keypoint to the integer output pixel whose sampling location is nearest (a
-#   KD-tree lookup): up to ~0.7 px off, points leaving the frame are snapped onto its border, and points lost
-#   in a fold still get a location. Here forward solves backward(u) = x.
-# * Named fields: DVE returns (image 2, image 1, ...), the twice-warped image first; ``TPSPair`` names them.
-# * Batched: an independent draw per sample, on the inputs' device. Random numbers are drawn in float32 on the
-#   generator's device (CPU by default), so a seed gives the same warps on every device and in every dtype.
-#
-# Elastic warp
-# ------------
-# backward(u) = u + d(u), d = white noise on a lattice of spacing sigma / 2 convolved with a Gaussian of width
-# sigma: "Gaussian-smoothed noise from a coarse grid", but evaluated exactly at any point, with an analytic
-# Jacobian. alpha sets the rms displacement. A sample is scaled down where needed so that |grad d| <= max_grad
-# < 1 everywhere: then u -> u + d(u) is one-to-one and onto (d is a contraction), so forward always succeeds.
+# Thin-plate spline (TPS), affine and elastic warps and their compositions, one warp per sample of a batch.
+# Coordinates are normalised (x, y) in [-1, 1], as grid_sample(align_corners=True) reads them: -1 and +1 are the
+# centres of the first and last pixel, so normalised = 2 px / (size - 1) - 1 (`to_normalised`, `to_pixels`).
+# A warp turns an input image into an output image:
+#   backward(u)  output -> input, the sampling map: output pixel u shows the input at backward(u);
+#   grid(H, W)   backward at every output pixel (N, H, W, 2): what grid_sample needs, and the dense
+#                correspondence "output pixel -> input location";
+#   forward(x)   input -> output, where an input landmark lands: in closed form for the affine warp, else by
+#                Newton's method on backward, to a residual of 1e-6 normalised (~5e-5 px at 96 px).
+# `a.then(b)` is "first a, then b". Points that leave the frame are never clamped: `in_frame` says which are on
+# the image. Random parameters are drawn in float32 on the generator's device (the CPU by default) and then
+# moved, so a seed gives the same warps on every device and in every dtype. No function here reads a tensor's
+# value on the host, so a GPU never waits for one (tests/test_warps.py counts the calls that would).
+# docs/protocol.md describes DVE's TPS (its presets, where strong draws fold) and why points are moved exactly.
 # =========================================================================================================
-# ----------------------------------------------------------------------------------------------------------
-# Coordinates
-# ----------------------------------------------------------------------------------------------------------
 def _hw(size):
-    """(H, W) from an int or a pair; warps need at least 2 pixels per side (normalisation divides by W - 1)."""
+    """(H, W) from an int or a pair; at least 2 pixels per side (normalising divides by W - 1)."""
     H, W = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if H < 2 or W < 2:
         raise ValueError(f"Image size must be at least 2x2 pixels, got {H}x{W}.")
@@ -1920,18 +1873,20 @@ def _hw(size):
 def to_normalised(points_px, size):
     """Pixel (x, y), centres at integers -> [-1, 1] grid_sample(align_corners=True) coordinates."""
     H, W = _hw(size)
-    return points_px * points_px.new_tensor([2.0 / (W - 1), 2.0 / (H - 1)]) - 1.0
+    x, y = points_px.unbind(-1)
+    return torch.stack((x * (2.0 / (W - 1)), y * (2.0 / (H - 1))), dim=-1) - 1.0
 
 
 def to_pixels(points, size):
     """Inverse of ``to_normalised``."""
     H, W = _hw(size)
-    return (points + 1.0) * points.new_tensor([(W - 1) / 2.0, (H - 1) / 2.0])
+    x, y = (points + 1.0).unbind(-1)
+    return torch.stack((x * ((W - 1) / 2.0), y * ((H - 1) / 2.0)), dim=-1)
 
 
 def in_frame(points_px, size, margin=0.0):
-    """Bool (..., K): True where the pixel point lies on the image, i.e. within [-0.5, W - 0.5] x
-    [-0.5, H - 0.5] (pixel squares around integer centres), shrunk by ``margin`` pixels on every side."""
+    """Bool (..., K): the pixel point lies on the image, within [-0.5, W - 0.5] x [-0.5, H - 0.5] (the pixel
+    squares around integer centres) shrunk by ``margin`` pixels; False for NaN."""
     H, W = _hw(size)
     x, y = points_px.unbind(-1)
     lo = margin - 0.5
@@ -1946,27 +1901,34 @@ def identity_grid(H, W, device="cpu", dtype=torch.float32):
     return torch.stack((gx, gy), dim=-1)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Base class: composition, dense grid and Newton inversion shared by every warp
-# ----------------------------------------------------------------------------------------------------------
-class Warp:
-    """A batch of ``n`` warps with parameters on ``device`` in ``dtype``. Subclasses define ``backward``
-    (output -> input, the sampling map) and usually an analytic ``jacobian``; ``forward`` (input -> output)
-    inverts ``backward`` with Newton's method."""
+def _draw(sampler, generator, *shape):
+    """torch.randn or torch.rand numbers in float32 on the generator's device (the CPU when None)."""
+    return sampler(*shape, generator=generator, device=generator.device if generator is not None else "cpu")
 
-    max_newton_iter = 20
+
+def _on(tensor, device, dtype):
+    """Move drawn parameters to `device`; to a GPU from pinned memory without blocking, so the host goes on."""
+    if torch.device(device).type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device=device, dtype=dtype, non_blocking=True)
+
+
+class Warp:
+    """A batch of ``n`` warps with parameters on ``device`` in ``dtype``. Subclasses define ``backward`` and
+    usually an analytic ``jacobian``; ``forward`` inverts ``backward`` with Newton's method."""
+
+    newton_steps = 20  # enough for a double root at the edge of a fold, where each step only halves the error
 
     def __init__(self, n, device, dtype):
         self.n, self.device, self.dtype = int(n), torch.device(device), dtype
 
     def backward(self, uv):
-        """(N, P, 2) output coordinates -> (N, P, 2) input coordinates (normalised)."""
+        """(N, P, 2) output coordinates -> (N, P, 2) input coordinates."""
         raise NotImplementedError
 
     def jacobian(self, uv):
-        """(N, P, 2, 2) Jacobian of ``backward`` at uv, J[..., i, j] = d backward_i / d u_j (autograd here;
-        subclasses override it with the analytic formula). Each output point depends only on its own input
-        point, so two gradient calls of the summed outputs give both rows for all points at once."""
+        """(N, P, 2, 2) Jacobian of ``backward``, J[..., i, j] = d backward_i / d u_j, by autograd (subclasses
+        use the formula). Each output depends on its own point only, so two gradients give every row."""
         with torch.enable_grad():
             u = uv.detach().requires_grad_(True)
             b = self.backward(u)
@@ -1974,70 +1936,14 @@ class Warp:
         return torch.stack(rows, dim=-2)
 
     def forward(self, xy):
-        """(N, P, 2) input coordinates -> output coordinates: solves backward(u) = xy by Newton's method from
-        two starts per point (see ``_initial_guesses``). When several u solve it (a folded TPS), the one inside
-        the output frame wins, i.e. where the point is visible; NaN when no u does."""
+        """(N, P, 2) input -> output coordinates: solves backward(u) = xy from two starts per point. When several
+        u solve it (a folded TPS), the one inside the output frame wins (where the point is seen); NaN when
+        none does."""
         P = xy.shape[1]
         u = self._newton(xy.repeat(1, 2, 1), self._initial_guesses(xy))  # (N, 2P, 2)
         from_inside, from_anywhere = u[:, :P], u[:, P:]
         visible = (from_inside.abs() <= 1.0).all(-1, keepdim=True)  # False for NaN
         return torch.where(visible | from_anywhere.isnan(), from_inside, from_anywhere)
-
-    def _lattice(self, H, W, extent):
-        """(N, H, W, 2) backward map on an H x W lattice of output coordinates spanning [-extent, extent]^2."""
-        uv = (identity_grid(H, W, self.device, self.dtype) * extent).reshape(1, H * W, 2)
-        return self.backward(uv.expand(self.n, -1, -1)).reshape(self.n, H, W, 2)
-
-    def _initial_guesses(self, xy, size=25, extent=1.5):
-        """(N, 2P, 2) Newton starts: for each xy, the node of a size x size lattice of output coordinates over
-        [-extent, extent]^2 (spacing 6 px at 96 px) whose backward image is nearest to xy among the nodes
-        inside the frame (first P), and among all nodes (last P; far outside, a node on the lattice edge)."""
-        nodes = (identity_grid(size, size, self.device, self.dtype) * extent).reshape(-1, 2)  # (S, 2)
-        inside = (nodes.abs() <= 1.0).all(-1).nonzero().squeeze(1)  # indices of the in-frame nodes
-        images = self._lattice(size, size, extent).reshape(self.n, -1, 2)  # (N, S, 2)
-        chunk = max(1, 2 ** 22 // (self.n * nodes.shape[0]))  # bounds the (N, chunk, S) distance matrix
-        best_in, best_any = [], []
-        for part in xy.split(chunk, dim=1):
-            dist = torch.cdist(part, images)  # (N, chunk, S)
-            best_any.append(dist.argmin(-1))
-            best_in.append(inside[dist[..., inside].argmin(-1)])
-        return nodes[torch.cat(best_in + best_any, dim=1)]
-
-    def _newton(self, xy, u):
-        """Damped Newton's method for backward(u) = xy: u <- u - t J(u)^-1 (backward(u) - xy), halving t per
-        point until the residual decreases. Stops at a residual of 1e-6 (float32) or 1e-12 (float64)
-        normalised units (~5e-5 px at 96 px), typically after 2-4 steps from the lattice guess. Points whose
-        residual stays above 1e-4 have no preimage (see "Folds" in the module docstring): NaN."""
-        tol = 1e-12 if xy.dtype == torch.float64 else 1e-6
-        r = self.backward(u) - xy  # residual: (N, P, 2)
-        err = r.norm(dim=-1)  # (N, P)
-        weak_steps = torch.zeros_like(err, dtype=torch.int)  # per point: steps that gained less than 25%
-        for _ in range(self.max_newton_iter):
-            active = (err > tol) & (weak_steps < 3)
-            if not active.any():
-                break
-            J = self.jacobian(u)  # (N, P, 2, 2)
-            a, b, c, d = J[..., 0, 0], J[..., 0, 1], J[..., 1, 0], J[..., 1, 1]
-            # Closed-form 2x2 solve of J step = r (cheaper than linalg.solve, and works on every backend).
-            step = torch.stack((d * r[..., 0] - b * r[..., 1], a * r[..., 1] - c * r[..., 0]), dim=-1)
-            step = step / (a * d - b * c).unsqueeze(-1)
-            t = torch.ones_like(err)
-            for _ in range(4):
-                u_new = u - t.unsqueeze(-1) * step
-                r_new = self.backward(u_new) - xy
-                err_new = r_new.norm(dim=-1)
-                worse = active & ~(err_new < err)  # "~(<)" also catches NaN from a singular Jacobian
-                if not worse.any():
-                    break
-                t = torch.where(worse, t / 2, t)
-            # Near a root each step at least halves the residual (even at the edge of a fold, where the root
-            # is double); a point gaining less than 25% three times while far from any root circles a fold
-            # with no solution: give it up.
-            weak_steps += (active & (err > 1e-4) & ~(err_new < 0.75 * err)).int()
-            better = (active & ~worse).unsqueeze(-1)
-            u, r = torch.where(better, u_new, u), torch.where(better, r_new, r)
-            err = r.norm(dim=-1)
-        return torch.where((err <= 1e-4).unsqueeze(-1), u, torch.full_like(u, float("nan")))
 
     def grid(self, H, W):
         """(N, H, W, 2) sampling grid: for every output pixel, its normalised location in the input."""
@@ -2047,14 +1953,64 @@ class Warp:
         """The composed warp "first self, then other"."""
         return ComposedWarp([self, other])
 
+    def _lattice(self, H, W, extent):
+        """(N, H, W, 2) backward map on an H x W lattice of output coordinates spanning [-extent, extent]^2."""
+        uv = (identity_grid(H, W, self.device, self.dtype) * extent).reshape(1, H * W, 2)
+        return self.backward(uv.expand(self.n, -1, -1)).reshape(self.n, H, W, 2)
 
-# ----------------------------------------------------------------------------------------------------------
-# Thin-plate spline
-# ----------------------------------------------------------------------------------------------------------
-TPS_PRESETS = {
-    "pair": dict(sd_all=1e-3, sd_subset=1e-2, trans_sd=0.1, scale_sd=0.1, rot_sd=5.0),
-    "match": dict(sd_all=5e-4, sd_subset=5e-3, trans_sd=0.05, scale_sd=0.05, rot_sd=2.5),
-    "single": dict(sd_all=5e-4, sd_subset=0.0, trans_sd=0.02, scale_sd=0.02, rot_sd=2.0),
+    def _initial_guesses(self, xy, size=25, extent=1.5):
+        """(N, 2P, 2) Newton starts: the node of a size x size lattice over [-extent, extent]^2 (6 px apart at
+        96 px) whose backward image is nearest to xy, among the nodes inside the frame (first P) and among all."""
+        nodes = (identity_grid(size, size, self.device, self.dtype) * extent).reshape(-1, 2)  # (S, 2)
+        outside = (nodes.abs() > 1.0).any(-1)  # (S,): a fixed mask, not a data-dependent index list
+        images = self._lattice(size, size, extent).reshape(self.n, -1, 2)  # (N, S, 2)
+        chunk = max(1, 2 ** 22 // (self.n * nodes.shape[0]))  # bounds the (N, chunk, S) distance matrix
+        best_in, best_any = [], []
+        for part in xy.split(chunk, dim=1):
+            dist = torch.cdist(part, images)  # (N, chunk, S)
+            best_any.append(dist.argmin(-1))
+            best_in.append(dist.masked_fill(outside, float("inf")).argmin(-1))
+        return nodes[torch.cat(best_in + best_any, dim=1)]
+
+    def _newton(self, xy, u):
+        """Damped Newton's method for backward(u) = xy: u <- u - t J(u)^-1 (backward(u) - xy), t the first of
+        1, 1/2, 1/4, 1/8 that lowers the residual (the four are tried at once). A point stops at a residual of
+        1e-6 (float32) or 1e-12 (float64), typically after 2-4 steps; all ``newton_steps`` run anyway, as masked
+        updates, so that nothing is read on the host. Near a root every step at least halves the residual (even
+        at a double root, on a fold's edge); a point that gains less than 25% three times while far from any
+        root circles a fold with no solution and stops. Residuals left above 1e-4 come back as NaN."""
+        tol = 1e-12 if xy.dtype == torch.float64 else 1e-6
+        t = 0.5 ** torch.arange(4, device=u.device, dtype=u.dtype)  # (4,) step lengths
+        r = self.backward(u) - xy  # residual: (N, P, 2)
+        err = r.norm(dim=-1)  # (N, P)
+        weak_steps = torch.zeros_like(err)  # per point: steps that gained less than 25%
+        for _ in range(self.newton_steps):
+            active = (err > tol) & (weak_steps < 3)
+            J = self.jacobian(u)  # (N, P, 2, 2)
+            a, b, c, d = J[..., 0, 0], J[..., 0, 1], J[..., 1, 0], J[..., 1, 1]
+            # Closed-form 2x2 solve of J step = r (cheaper than linalg.solve, and runs on every backend).
+            step = torch.stack((d * r[..., 0] - b * r[..., 1], a * r[..., 1] - c * r[..., 0]), dim=-1)
+            step = step / (a * d - b * c).unsqueeze(-1)
+            tries = u.unsqueeze(2) - t[:, None] * step.unsqueeze(2)  # (N, P, 4, 2)
+            r_tries = self.backward(tries.flatten(1, 2)).unflatten(1, (-1, 4)) - xy.unsqueeze(2)
+            lower = r_tries.norm(dim=-1) < err.unsqueeze(-1)  # (N, P, 4); False for NaN (a singular J)
+            pick = torch.where(lower.any(-1), lower.int().argmax(-1), 3)[..., None, None].expand(-1, -1, 1, 2)
+            u_new, r_new = tries.gather(2, pick).squeeze(2), r_tries.gather(2, pick).squeeze(2)
+            err_new = r_new.norm(dim=-1)
+            weak_steps += active & (err > 1e-4) & ~(err_new < 0.75 * err)
+            better = (active & (err_new < err)).unsqueeze(-1)
+            u, r = torch.where(better, u_new, u), torch.where(better, r_new, r)
+            err = r.norm(dim=-1)
+        return torch.where((err <= 1e-4).unsqueeze(-1), u, torch.full_like(u, float("nan")))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Thin-plate spline (DVE's parameterisation)
+# ---------------------------------------------------------------------------------------------------------
+TPS_PRESETS = {  # standard deviations of the random parameters (see random_tps); shifts in normalised units
+    "pair": dict(sd_all=1e-3, sd_subset=1e-2, trans_sd=0.1, scale_sd=0.1, rot_sd=5.0),  # training pairs
+    "match": dict(sd_all=5e-4, sd_subset=5e-3, trans_sd=0.05, scale_sd=0.05, rot_sd=2.5),  # matching: "pair" / 2
+    "single": dict(sd_all=5e-4, sd_subset=0.0, trans_sd=0.02, scale_sd=0.02, rot_sd=2.0),  # few-shot augmentation
 }
 _TPS_EPS = 1e-5  # inside the log of U(D) = D log(D + eps): makes U(0) = 0 instead of 0 * -inf
 
@@ -2066,24 +2022,22 @@ def _tps_controls(device, dtype):
 
 
 def _tps_sq_dist(uv, controls):
-    """(..., P, 100) squared distances |u - c_k|^2 = |u|^2 - 2 u.c_k + |c_k|^2: one matmul, several times
-    faster than an explicit (..., P, 100, 2) difference; clamped at 0 against rounding."""
+    """(..., P, 100) squared distances |u - c_k|^2 = |u|^2 - 2 u.c_k + |c_k|^2 (one matmul), clamped at 0."""
     return (uv.pow(2).sum(-1, keepdim=True) - 2.0 * uv @ controls.T + controls.pow(2).sum(-1)).clamp_min(0.0)
 
 
 @functools.lru_cache(maxsize=16)
 def _tps_lattice_features(H, W, extent, device, dtype):
-    """(H*W, 103) rows [U(u, c_1..c_100) | 1 | x | y] for every node u of a lattice over [-extent, extent]^2
-    (the pixel centres when extent = 1); shared by the whole batch, so cached."""
+    """(H*W, 103) rows [U(|u - c_1|^2) .. U(|u - c_100|^2) | 1 | x | y] of a lattice's nodes u, cached."""
     uv = identity_grid(H, W, device, dtype).reshape(H * W, 2) * extent
     D = _tps_sq_dist(uv, _tps_controls(device, dtype))  # (H*W, 100)
     return torch.cat((D * torch.log(D + _TPS_EPS), torch.ones_like(uv[:, :1]), uv), dim=1)
 
 
 class TPSWarp(Warp):
-    """Thin-plate spline with DVE's parameterisation: backward(u) = [U(u, c) | 1 | x | y] @ weights.
-    ``weights``: (N, 103, 2), rows 0-99 non-rigid, row 100 (tx, ty), rows 101-102 the linear part
-    (zeros and rows (1, 0), (0, 1) give the identity)."""
+    """backward(u) = [U(|u - c_1|^2) ... U(|u - c_100|^2) | 1 | x | y] @ weights, U(D) = D log(D + 1e-5), c_k
+    the 10x10 control grid. ``weights`` (N, 103, 2): rows 0-99 non-rigid, row 100 the shift (tx, ty), rows
+    101-102 the linear part (zeros, then rows (1, 0) and (0, 1) give the identity)."""
 
     def __init__(self, weights):
         if weights.dim() != 3 or weights.shape[1:] != (103, 2):
@@ -2091,14 +2045,13 @@ class TPSWarp(Warp):
         super().__init__(weights.shape[0], weights.device, weights.dtype)
         self.weights = weights
         self.controls = _tps_controls(self.device, self.dtype)
-        # For the Jacobian: (N, 100, 6) = [W_ki for i | W_ki c_kj for (i, j)], see ``jacobian``.
+        # For the Jacobian: (N, 100, 6) = [W_ki for i | W_ki c_kj for (i, j)].
         V = (weights[:, :100].unsqueeze(-1) * self.controls.unsqueeze(1)).reshape(self.n, 100, 4)
         self._jacobian_weights = torch.cat((weights[:, :100], V), dim=2)
 
     def backward(self, uv):
         D = _tps_sq_dist(uv, self.controls)  # (N, P, 100)
         W = self.weights
-        # [U | 1 | x | y] @ W, without building the (N, P, 103) feature matrix.
         return (D * torch.log(D + _TPS_EPS)) @ W[:, :100] + W[:, 100:101] + uv @ W[:, 101:]
 
     def jacobian(self, uv):
@@ -2108,7 +2061,7 @@ class TPSWarp(Warp):
         dU = torch.log(D + _TPS_EPS) + D / (D + _TPS_EPS)  # (N, P, 100)
         sM = dU @ self._jacobian_weights  # (N, P, 6): s_i, then M_ij in (i, j) order
         J = 2.0 * (sM[..., :2, None] * uv.unsqueeze(-2) - sM[..., 2:].reshape(*uv.shape[:2], 2, 2))
-        return J + self.weights[:, 101:].transpose(1, 2).unsqueeze(1)  # linear part: J[i, j] += W[101 + j, i]
+        return J + self.weights[:, 101:].transpose(1, 2).unsqueeze(1)
 
     def _lattice(self, H, W, extent):
         # One (H*W, 103) x (103, N*2) product for the whole batch instead of N small ones.
@@ -2117,36 +2070,30 @@ class TPSWarp(Warp):
         return g.reshape(H, W, self.n, 2).permute(2, 0, 1, 3)
 
 
-def _draw(sampler, generator, *shape):
-    """torch.randn or torch.rand numbers, drawn in float32 on the generator's device (the CPU when None) and
-    moved by the caller: a seed then gives the same warps on every device and in every dtype."""
-    return sampler(*shape, generator=generator, device=generator.device if generator is not None else "cpu")
-
-
 def random_tps(n, preset="pair", generator=None, device="cpu", dtype=torch.float32, nonrigid_scale=1.0,
                affine_scale=1.0):
-    """N random TPS warps with the sds of ``TPS_PRESETS[preset]`` (see the module docstring). The non-rigid
-    sds are multiplied by ``nonrigid_scale`` and the affine ones by ``affine_scale`` (DVE's im1_multiplier
-    and im1_multiplier_aff). Returns a ``TPSWarp``."""
+    """N random TPS warps (DVE's): non-rigid weights ~ N(0, sd_all), each replaced with probability 1/2 by a
+    draw from N(0, sd_subset); rotation r ~ N(0, rot_sd) degrees, scale s = 1 + N(0, scale_sd), shift
+    ~ N(0, trans_sd); affine rows (tx, ty), (s cos r, -s sin r), (s sin r, s cos r). The sds of
+    ``TPS_PRESETS[preset]``, the non-rigid ones times ``nonrigid_scale`` and the affine ones times
+    ``affine_scale`` (DVE's im1_multiplier and im1_multiplier_aff). Returns a ``TPSWarp``."""
     if preset not in TPS_PRESETS:
         raise ValueError(f"TPS preset must be one of {sorted(TPS_PRESETS)}, got {preset!r}.")
     p = TPS_PRESETS[preset]
     nonrigid = _draw(torch.randn, generator, n, 100, 2) * (nonrigid_scale * p["sd_all"])
     redrawn = _draw(torch.randn, generator, n, 100, 2) * (nonrigid_scale * p["sd_subset"])
-    subset = _draw(torch.rand, generator, n, 100, 2) < 0.5  # the random ~50% of the weights redrawn
-    nonrigid = torch.where(subset, redrawn, nonrigid)
+    nonrigid = torch.where(_draw(torch.rand, generator, n, 100, 2) < 0.5, redrawn, nonrigid)
     rot = _draw(torch.randn, generator, n) * (affine_scale * p["rot_sd"] * math.pi / 180.0)
     scale = 1.0 + _draw(torch.randn, generator, n) * (affine_scale * p["scale_sd"])
     trans = _draw(torch.randn, generator, n, 2) * (affine_scale * p["trans_sd"])
     cos, sin = scale * torch.cos(rot), scale * torch.sin(rot)
     affine = torch.stack((trans, torch.stack((cos, -sin), -1), torch.stack((sin, cos), -1)), dim=1)  # (n, 3, 2)
-    return TPSWarp(torch.cat((nonrigid, affine), dim=1).to(device=device, dtype=dtype))
+    return TPSWarp(_on(torch.cat((nonrigid, affine), dim=1), device, dtype))
 
 
 class TPSPair(NamedTuple):
-    """Result of ``tps_training_pair``. image1 = input warped by ``warp1``; image2 = image1 warped by
-    ``warp12``. Dense correspondence: ``warp12.grid(H, W)`` gives, for every pixel of image 2, its normalised
-    location in image 1 (DVE's ``grid``); ``warp12.forward`` maps image-1 points into image 2."""
+    """``tps_training_pair``'s result: image1 = input warped by ``warp1``; image2 = image1 warped by ``warp12``.
+    ``warp12.grid(H, W)`` gives every pixel of image 2 its location in image 1 (DVE's ``grid``)."""
     image1: torch.Tensor  # (N, C, H, W)
     image2: torch.Tensor  # (N, C, H, W)
     points1: Optional[torch.Tensor]  # (N, K, 2) pixels in image 1, or None
@@ -2156,15 +2103,15 @@ class TPSPair(NamedTuple):
 
 
 def tps_training_pair(images, points=None, generator=None, preset="pair"):
-    """Two TPS views of each image (PROTOCOL.md section 4). preset "pair": image 1 from a draw with the
-    non-rigid sds halved, image 2 = image 1 warped again by a full draw; preset "match": both draws from the
-    halved "match" sds, unscaled. Image 2 is resampled from image 1, as in DVE, so regions that left image 1
-    stay empty in image 2. ``points``: optional (N, K, 2) pixel points of ``images``. Returns a ``TPSPair``."""
+    """Two TPS views of each image, as DVE makes them. "pair": image 1 from a draw with the non-rigid sds
+    halved, image 2 = image 1 warped again by a full draw; "match" (the matching benchmark): both draws from the
+    "match" sds. Image 2 is resampled from image 1, so what left image 1 stays empty in image 2. ``points``:
+    optional (N, K, 2) pixel points of ``images``. Returns a ``TPSPair``."""
     if preset not in ("pair", "match"):
         raise ValueError(f"tps_training_pair preset must be 'pair' or 'match', got {preset!r}.")
     n, _, H, W = images.shape
-    dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
-    kw = dict(generator=generator, device=images.device, dtype=dtype)
+    kw = dict(generator=generator, device=images.device,
+              dtype=torch.float64 if images.dtype == torch.float64 else torch.float32)
     warp1 = random_tps(n, preset, nonrigid_scale=0.5 if preset == "pair" else 1.0, **kw)
     warp12 = random_tps(n, preset, **kw)
     image1 = warp_images(images, warp1)
@@ -2176,9 +2123,9 @@ def tps_training_pair(images, points=None, generator=None, preset="pair"):
     return TPSPair(image1, image2, points1, points2, warp1, warp12)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Affine
-# ----------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------
+# Affine and elastic warps
+# ---------------------------------------------------------------------------------------------------------
 def _invert_affine(theta):
     """(N, 2, 3) [A | t] of x -> A x + t  ->  [A^-1 | -A^-1 t], in closed form."""
     a, b, c, d = theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1]
@@ -2187,8 +2134,8 @@ def _invert_affine(theta):
 
 
 class AffineWarp(Warp):
-    """backward(u) = A u + t with ``theta`` = [A | t] (N, 2, 3), the matrix ``F.affine_grid`` takes (output ->
-    input). ``AffineWarp.from_forward(m)`` builds it from the input -> output matrix instead."""
+    """backward(u) = A u + t, ``theta`` = [A | t] (N, 2, 3), the matrix ``F.affine_grid`` takes (output ->
+    input). ``AffineWarp.from_forward(m)`` builds it from the input -> output matrix."""
 
     def __init__(self, theta):
         if theta.dim() != 3 or theta.shape[1:] != (2, 3):
@@ -2213,26 +2160,24 @@ class AffineWarp(Warp):
 
 def random_affine(n, rotation_deg=10.0, scale=(0.9, 1.1), translation=0.1, generator=None, device="cpu",
                   dtype=torch.float32):
-    """N random similarity warps, described by how they move the CONTENT (forward map x -> s R x + t):
-    rotation uniform in +-rotation_deg degrees (positive = clockwise on screen, y points down), scale
-    log-uniform in [scale[0], scale[1]] (s < 1 shrinks the object), translation uniform in +-translation per
-    axis in normalised units (0.1 = 5% of the image width). Returns an ``AffineWarp``."""
+    """N random similarity warps, described by how they move the content (x -> s R x + t): rotation uniform in
+    +-rotation_deg degrees (positive = clockwise on screen, y points down), scale log-uniform in ``scale``
+    (s < 1 shrinks the object), shift uniform in +-translation per axis (normalised: 0.1 = 5% of the width)."""
     u = _draw(torch.rand, generator, n, 4)
     angle = (2.0 * u[:, 0] - 1.0) * rotation_deg * math.pi / 180.0
     s = torch.exp(math.log(scale[0]) + u[:, 1] * (math.log(scale[1]) - math.log(scale[0])))
     t = (2.0 * u[:, 2:] - 1.0) * translation  # (n, 2)
     cos, sin = s * torch.cos(angle), s * torch.sin(angle)
     matrix = torch.stack((torch.stack((cos, -sin, t[:, 0]), -1), torch.stack((sin, cos, t[:, 1]), -1)), dim=1)
-    return AffineWarp.from_forward(matrix.to(device=device, dtype=dtype))
+    return AffineWarp.from_forward(_on(matrix, device, dtype))
 
 
 def zoom_out(n, factor, device="cpu", dtype=torch.float32):
-    """Affine warp that shrinks the content about the image centre by ``factor`` (a float or an (n,) tensor):
-    factor 2 makes the object half as large (the border fills with zeros), 1 is the identity, 0.5 zooms in."""
-    f = torch.as_tensor(factor, dtype=dtype, device=device).expand(n)
-    theta = torch.zeros(n, 2, 3, dtype=dtype, device=device)
-    theta[:, 0, 0] = theta[:, 1, 1] = f  # backward map u -> factor * u (the inverse of the shrink)
-    return AffineWarp(theta)
+    """Affine warps that shrink the content about the image centre by ``factor`` (a number or an (n,) CPU
+    tensor): 2 makes the object half as large (the border fills with zeros), 1 is the identity, 0.5 zooms in."""
+    theta = torch.zeros(n, 2, 3, dtype=dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = torch.as_tensor(factor, dtype=theta.dtype)  # backward: u -> factor u
+    return AffineWarp(_on(theta, device, dtype))
 
 
 def identity_warp(n, device="cpu", dtype=torch.float32):
@@ -2240,13 +2185,13 @@ def identity_warp(n, device="cpu", dtype=torch.float32):
     return zoom_out(n, 1.0, device, dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Elastic
-# ----------------------------------------------------------------------------------------------------------
 class ElasticWarp(Warp):
-    """backward(u) = u + d(u), d_c(x, y) = sum_ij weights[c, i, j] g(y - cy_i) g(x - cx_j), with
-    g(s) = exp(-s^2 / (2 sigma^2)): Gaussian-smoothed impulses on a lattice, separable in x and y.
-    ``weights``: (N, 2, ny, nx) (channel 0 moves x, 1 moves y); ``centres_x`` (nx,), ``centres_y`` (ny,)."""
+    """backward(u) = u + d(u), d_c(x, y) = sum_ij weights[c, i, j] g(y - cy_i) g(x - cx_j), g(s) = exp(-s^2 /
+    (2 sigma^2)): Gaussian-smoothed impulses on a lattice, separable in x and y, exact at any point and with an
+    analytic Jacobian. ``weights`` (N, 2, ny, nx): channel 0 moves x, 1 moves y; ``centres_x`` (nx,),
+    ``centres_y`` (ny,)."""
+
+    newton_steps = 10  # from the start x - d(x), even |grad d| = 0.99 converged in 9 steps
 
     def __init__(self, weights, sigma, centres_x, centres_y):
         super().__init__(weights.shape[0], weights.device, weights.dtype)
@@ -2254,9 +2199,8 @@ class ElasticWarp(Warp):
         self.centres_x, self.centres_y = centres_x, centres_y
 
     def _bumps(self, s, centres):
-        """Gaussians g and their derivatives g' at coordinates s (...,) for every centre: (..., len(centres)).
-        g is set to 0 beyond 8 sigma, where it is below 1e-14: its float32 tail would otherwise be made of
-        denormal numbers, which make the matrix products ~20x slower."""
+        """g and g' at coordinates s (...,) for every centre: (..., len(centres)) each. g is 0 beyond 8 sigma
+        (below 1e-14): its float32 tail would be denormal numbers, which make the products ~20x slower."""
         diff = s.unsqueeze(-1) - centres
         z2 = (diff / self.sigma) ** 2
         g = torch.where(z2 < 64.0, torch.exp(-0.5 * z2), torch.zeros_like(z2))
@@ -2272,6 +2216,10 @@ class ElasticWarp(Warp):
         gx, _ = self._bumps(uv[..., 0], self.centres_x)  # (N, P, nx)
         gy, _ = self._bumps(uv[..., 1], self.centres_y)  # (N, P, ny)
         return uv + self._at_points(gy, gx)
+
+    def forward(self, xy):
+        # u + d(u) is one-to-one (d is a contraction, see random_elastic): one start, x - d(x), suffices.
+        return self._newton(xy, 2 * xy - self.backward(xy))
 
     def jacobian(self, uv):
         gx, dgx = self._bumps(uv[..., 0], self.centres_x)
@@ -2295,23 +2243,22 @@ class ElasticWarp(Warp):
 
 
 def random_elastic(n, alpha=0.05, sigma=0.2, max_grad=0.5, generator=None, device="cpu", dtype=torch.float32):
-    """N random elastic warps. ``alpha``: rms displacement per axis in normalised units (0.05 ~ 2.4 px at
-    96 px); ``sigma``: smoothness length in normalised units (0.2 ~ 10 px at 96 px); the displacement
-    gradient is then ~alpha / sigma. Samples whose |grad d| (Frobenius norm, an upper bound of the spectral
-    norm) exceeds ``max_grad`` anywhere are scaled down to it; max_grad < 1 keeps u + d(u) invertible.
-    Returns an ``ElasticWarp``."""
+    """N random elastic warps: white noise on a lattice of spacing sigma / 2, smoothed by a Gaussian of width
+    ``sigma`` (normalised; 0.2 ~ 10 px at 96 px). ``alpha``: rms displacement per axis (0.05 ~ 2.4 px at 96 px);
+    the displacement gradient is then ~alpha / sigma. A sample whose |grad d| (Frobenius norm, a bound of the
+    spectral norm) exceeds ``max_grad`` < 1 anywhere is scaled down to it: then d is a contraction and
+    u -> u + d(u) one-to-one and onto, so ``forward`` always succeeds."""
     if not 0.0 < max_grad < 1.0:
         raise ValueError(f"max_grad must be in (0, 1) for the elastic warp to be invertible, got {max_grad}.")
-    # Lattice of spacing sigma / 2 reaching 3 sigma beyond the frame, so the field is as strong at the border
-    # as in the middle; with white noise w on it, Var d = c^2 sum_k g_k^2 ~ c^2 pi sigma^2 / h^2 sets c.
+    # The lattice reaches 3 sigma beyond the frame, so the field is as strong at the border as in the middle;
+    # with white noise w on it, Var d = c^2 sum_k g_k^2 ~ c^2 pi sigma^2 / h^2 sets c.
     h = sigma / 2.0
     m = math.ceil((1.0 + 3.0 * sigma) / h)
     centres = torch.arange(-m, m + 1, device=device, dtype=dtype) * h
     c = alpha * h / (sigma * math.sqrt(math.pi))
-    weights = (_draw(torch.randn, generator, n, 2, 2 * m + 1, 2 * m + 1) * c).to(device=device, dtype=dtype)
+    weights = _on(_draw(torch.randn, generator, n, 2, 2 * m + 1, 2 * m + 1) * c, device, dtype)
     warp = ElasticWarp(weights, sigma, centres, centres)
-    # Largest gradient on a grid 4 points per sigma over the lattice (the field varies on the scale sigma),
-    # then shrink the offending samples.
+    # The largest gradient on a grid of 4 points per sigma (the field varies on the scale sigma).
     s = torch.linspace(-m * h, m * h, 4 * m + 1, device=device, dtype=dtype)
     grad_sq = warp._field(s, s, dx=True).pow(2) + warp._field(s, s, dy=True).pow(2)  # (N, 2, S, S)
     worst = grad_sq.sum(1).flatten(1).amax(1).sqrt()  # (N,) Frobenius norm of grad d at its largest
@@ -2319,13 +2266,13 @@ def random_elastic(n, alpha=0.05, sigma=0.2, max_grad=0.5, generator=None, devic
     return warp
 
 
-# ----------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------
 # Composition, and applying warps to images and points
-# ----------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------
 class ComposedWarp(Warp):
-    """``warps[0]``, then ``warps[1]``, ...: forward applies them in order (each exactly, so the composition
-    is exact), backward in reverse order. Only the last warp's dense grid has a fast path: with a TPS or
-    elastic warp before the last, ``grid`` takes ~0.1 s for 32 images of 96x96 on one core."""
+    """``warps[0]``, then ``warps[1]``, ...: forward applies them in order (each exactly), backward in reverse.
+    Only the last warp's dense grid has a fast path: with a TPS or elastic warp before the last, ``grid`` takes
+    ~0.1 s for 32 images of 96x96 on one core."""
 
     def __init__(self, warps):
         flat = [w for warp in warps for w in (warp.warps if isinstance(warp, ComposedWarp) else [warp])]
@@ -2346,16 +2293,16 @@ class ComposedWarp(Warp):
 
     def _lattice(self, H, W, extent):
         g = self.warps[-1]._lattice(H, W, extent).reshape(self.n, H * W, 2)  # fast path of the last warp
-        chunk = max(1, 1024 // self.n)  # points per sample per piece: (N, chunk, 100) TPS temporaries of
-        for w in reversed(self.warps[:-1]):  # ~0.4 MB stay in cache, 4x faster than all points at once
-            parts = [g] if isinstance(w, AffineWarp) else g.split(chunk, dim=1)  # affine: cheap, no temporaries
+        chunk = max(1, 1024 // self.n)  # pieces whose (N, chunk, 100) TPS temporaries stay in cache: 4x faster
+        for w in reversed(self.warps[:-1]):
+            parts = [g] if isinstance(w, AffineWarp) else g.split(chunk, dim=1)  # affine: no temporaries
             g = torch.cat([w.backward(part) for part in parts], dim=1)
         return g.reshape(self.n, H, W, 2)
 
 
 def warp_images(images, warp, padding_mode="zeros"):
-    """(N, C, H, W) -> (N, C, H, W) warped images: bilinear ``grid_sample`` of ``warp.grid(H, W)`` with
-    align_corners=True. Pixels whose source lies outside the input get ``padding_mode`` (zeros by default)."""
+    """(N, C, H, W) -> (N, C, H, W): bilinear ``grid_sample`` of ``warp.grid(H, W)``, align_corners=True. Pixels
+    whose source lies outside the input get ``padding_mode`` (zeros by default)."""
     if images.dim() != 4 or images.shape[0] != warp.n:
         raise ValueError(f"Expected images (N={warp.n}, C, H, W) matching the warp batch, got {tuple(images.shape)}.")
     grid = warp.grid(images.shape[2], images.shape[3]).to(images.dtype)
@@ -2363,8 +2310,8 @@ def warp_images(images, warp, padding_mode="zeros"):
 
 
 def warp_points(points_px, warp, size):
-    """(N, K, 2) pixel points of the input image -> (N, K, 2) pixel points of the output image (exact forward
-    map, not clamped: use ``in_frame`` to find points that left the frame). ``size``: (H, W) or int."""
+    """(N, K, 2) pixel points of the input image -> (N, K, 2) pixel points of the output image: the exact
+    forward map, not clamped (``in_frame`` finds points that left the frame). ``size``: (H, W) or int."""
     if points_px.dim() != 3 or points_px.shape[0] != warp.n or points_px.shape[2] != 2:
         raise ValueError(f"Expected points (N={warp.n}, K, 2) in pixels, got {tuple(points_px.shape)}.")
     out_dtype = points_px.dtype if points_px.is_floating_point() else warp.dtype

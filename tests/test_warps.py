@@ -1,5 +1,6 @@
 """Warps move images and points together: a bright dot drawn at a point must show up where the point mapping
-sends the point, inverse maps must invert, and the TPS must be the formula of PROTOCOL.md section 4."""
+sends the point, inverse maps must invert, the TPS must be DVE's formula (docs/protocol.md), and no warp may make
+a GPU wait for the host."""
 import math
 
 import pytest
@@ -241,3 +242,30 @@ def test_points_shown_nowhere_in_the_output_come_back_as_nan():
     restarted = warp._newton(x, nodes[dist.argmin(-1)])
     assert restarted[lost].isnan().all()
     assert (dist.amin(-1)[lost] * (SIZE - 1) / 2 > 1.0).float().mean() > 0.8
+
+
+@pytest.mark.parametrize("name", sorted(WARPS))
+def test_warps_never_read_a_value_on_the_host(name, host_syncs):
+    """Drawing a warp, warping images and moving points make none of the calls that stop a GPU's queue until the
+    host has a value (no .any() per Newton step, no nonzero, no boolean indexing): on a GPU they only queue work."""
+    g = gen(17)
+    images, points = torch.rand(8, 3, 32, 32, generator=g), torch.rand(8, 5, 2, generator=g) * 31
+    with host_syncs as counter:
+        warp = WARPS[name](g)
+        warp_images(images, warp), warp_points(points, warp, 32)
+        if name == "tps-pair":
+            tps_training_pair(images, points, generator=g)
+    assert counter.calls == []
+
+
+def test_warps_run_where_no_value_can_be_read():
+    """On the "meta" device tensors have shapes but no values, so any host read would raise: every warp and the
+    training pair still run there, with the shapes they have on a real device."""
+    g, meta = gen(18), torch.device("meta")
+    images, points = torch.rand(4, 3, 32, 32, device=meta), torch.rand(4, 5, 2, device=meta)
+    pair = tps_training_pair(images, points, generator=g)
+    assert pair.image2.device == pair.points2.device == meta and pair.points2.shape == (4, 5, 2)
+    for warp in (random_tps(4, "single", g, device=meta), random_affine(4, generator=g, device=meta),
+                 zoom_out(4, 2.0, device=meta).then(random_elastic(4, generator=g, device=meta))):
+        assert warp_images(images, warp).shape == (4, 3, 32, 32)
+        assert warp_points(points, warp, 32).shape == (4, 5, 2)
