@@ -137,7 +137,7 @@ def test_hourglass_keeps_the_resolution_and_outputs_d_channels(size):
     with torch.no_grad():
         assert model(torch.randn(1, 3, size, size)).shape == (1, 64, size, size)
     assert len(model.down) == 4 and len(model.up) == 4
-    heatmaps = ep.SpatialSoftmax()(ep.Detector(64, 10, 8)(torch.randn(1, 64, 16, 16)))
+    heatmaps = ep.Detector(64, 10, 8)(torch.randn(1, 64, 16, 16))
     assert heatmaps.shape == (1, 10, 16, 16) and torch.allclose(heatmaps.sum((2, 3)), torch.ones(1, 10))
 
 
@@ -183,15 +183,27 @@ def test_the_worker_side_returns_uint8_images_and_draws_nothing():
     assert (sample["image"].float() / 255 - faces[2]["image"]).abs().max() <= 0.5 / 255 + 1e-6
 
 
+def states(args, end2end=False):
+    """Tiny F and T with the optimiser state main gives a stage ("features" in it: F is trained)."""
+    features, detector = ep.Hourglass((4, 4, 4, 4), 8), ep.Detector(8, 3, 4)
+    trained = {"detector": detector} | ({"features": features} if end2end else {})
+    optimizer = torch.optim.Adam([p for m in [features, detector] for p in m.parameters()], lr=1e-3)
+    return features, trained | {"model": features, "optimizer": optimizer, "scaler": data.grad_scaler(
+        torch.device("cpu"), torch.bfloat16), "scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1)}
+
+
+SMALL = ["--image-size", "32", "--equiv-widths", "4,4,4,4", "--equiv-dim", "8", "--equiv-points", "8"]
+
+
 def test_stage2_warps_the_images_in_float32_under_amp():
     """Under bf16 autocast the warp's sampling grid would be computed in bf16 (measured 0.05 px mean, 0.45 px max
     off the float32 point map); the images F sees must be warped by the float32 map that Eq. 2 undoes."""
-    args = ep.get_args(["--image-size", "32", "--equiv-widths", "4,4,4,4", "--equiv-dim", "8"])
-    features, detector = ep.Hourglass((4, 4, 4, 4), 8), ep.Detector(8, 3, 4)
+    args = ep.get_args(SMALL)
+    features, state = states(args)
     seen = []
     features.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach()))
     x, normalize = torch.rand(2, 3, 32, 32), data.Normalize(data.FACE_MEAN, data.FACE_STD)
-    ep.detector_losses(features, detector, x, args, data.generator(0, 3), normalize, torch.bfloat16, False)
+    ep.detector_step(state, features, x, data.generator(0, 3), args, normalize, torch.bfloat16)
     warp = ep.random_warp(2, args, data.generator(0, 3), "cpu", zoom_and_shift=False)
     expected = normalize(data.warp_images(x, warp))  # float32, no autocast
     assert seen[0].dtype == torch.float32 and (seen[0][2:] - expected).abs().max() < 1e-5
@@ -199,18 +211,31 @@ def test_stage2_warps_the_images_in_float32_under_amp():
         assert (normalize(data.warp_images(x, warp)) - expected).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+@pytest.mark.filterwarnings("ignore:Seems like:UserWarning")  # the scheduler notices our counting wrapper
+@pytest.mark.parametrize("stage", ["stage1", "stage2", "end2end"])
 def test_a_training_step_makes_no_host_sync(stage, host_syncs):
-    args = ep.get_args(["--image-size", "32", "--equiv-widths", "4,4,4,4", "--equiv-dim", "8", "--equiv-points", "8"])
-    model, detector = ep.Hourglass((4, 4, 4, 4), 8), ep.Detector(8, 3, 4)
+    """One whole step (views, forward, losses, backward, Adam) under bf16 autocast."""
+    args = ep.get_args(SMALL)
+    features, state = states(args, end2end=stage == "end2end")
     x, normalize = torch.rand(2, 3, 32, 32), data.Normalize(data.FACE_MEAN, data.FACE_STD)
+    optimizer, adam_reads = state["optimizer"], []
+    adam_step = optimizer.step
+
+    def step_apart(*a, **k):  # Adam reads its step counters with .item(): CPU tensors even for GPU weights
+        before = len(host_syncs.calls)
+        adam_step(*a, **k)
+        adam_reads.extend(host_syncs.calls[before:])
+        del host_syncs.calls[before:]
+
+    optimizer.step = step_apart
     with host_syncs as counter:
         if stage == "stage1":
-            terms = ep.stage1_losses(model, x, args, data.generator(0, 0), normalize, torch.bfloat16)
+            terms = ep.stage1_step(state, x, data.generator(0, 0), args, normalize, torch.bfloat16)
         else:
-            terms = ep.detector_losses(model, detector, x, args, data.generator(0, 0), normalize, torch.bfloat16, True)
-        terms["loss"].backward()
-    if stage == "stage1":  # data.Warp.forward (Newton's method, data.py) still tests convergence with .any()
+            terms = ep.detector_step(state, features, x, data.generator(0, 0), args, normalize, torch.bfloat16)
+    assert set(terms) == ({"loss"} if stage == "stage1" else {"loss", "equivariance", "diversity", "concentration"})
+    assert set(adam_reads) == {"item"} and all(s["step"].device.type == "cpu" for s in optimizer.state.values())
+    if stage == "stage1":  # data.Warp.forward (Newton's method for g(lambda), in data.py) tests convergence with .any()
         assert set(counter.calls) <= {"any", "nonzero"}, counter.calls
     else:
         assert counter.calls == []
@@ -220,7 +245,7 @@ def test_a_training_step_makes_no_host_sync(stage, host_syncs):
 def test_an_export_runs_on_another_device_than_its_own(kind):
     """Exported on 'meta' (as an export made on a CPU meets a GPU), loaded and run on the CPU."""
     features = ep.Hourglass((4, 4, 4, 4), 8)
-    net = features if kind == "features" else nn.Sequential(features, ep.Detector(8, 3, 4), ep.SpatialSoftmax())
+    net = features if kind == "features" else nn.Sequential(features, ep.Detector(8, 3, 4))
     net = nn.Sequential(data.Normalize(data.FACE_MEAN, data.FACE_STD), net).eval().to("meta")
     program = torch.export.export(net, (torch.rand(2, 3, 32, 32, device="meta"),))
     module = data.on_device(program.module(), "cpu").to_empty(device="cpu")
