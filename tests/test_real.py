@@ -3,7 +3,8 @@
 Every fixture is tiny and written into pytest's tmp_path. Images are black with 3x3 white marks and
 saved as PNG bytes even behind a .jpg name (lossless, and PIL recognises the format from the
 content), so a mark can be found again in the 96x96 output. Expected keypoints are written out from
-the formulas of PROTOCOL.md section 3 (or the documented choice), not computed by the loaders' code.
+the preprocessing formulas of docs/protocol.md (or the loader's documented choice), not computed by the
+loaders' code.
 """
 import functools
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 
 from data import (AFLW_M, AFLW_R, CUB, MAFL, W300, CatHeads, CelebA, CSVKeypoints, DatasetError,
-                  ImageFolderUnlabelled)
+                  ImageFolderUnlabelled, make_dataset)
 
 FACE_MEAN = (0.5084, 0.4224, 0.3769)
 FACE_STD = (0.2599, 0.2371, 0.2323)
@@ -47,7 +48,7 @@ def mark_centre(image):
 
 
 def check_sample(dataset, index=0, num_landmarks=None):
-    """The SPEC.md sample format and attributes; returns the sample."""
+    """The sample format and attributes of data.py's module docstring; returns the sample."""
     sample = dataset[index]
     k = dataset.num_landmarks if num_landmarks is None else num_landmarks
     assert dataset.num_landmarks == k == len(dataset.landmark_names)
@@ -628,3 +629,18 @@ def test_image_folder_unlabelled(tmp_path):
         ImageFolderUnlabelled(tmp_path / "empty")
     with pytest.raises(DatasetError, match="no such folder"):
         ImageFolderUnlabelled(tmp_path / "missing")
+
+
+def test_datasets_by_name(tmp_path):
+    root = make_celeba(tmp_path / "celeba")
+    mafl = make_dataset("mafl", "test", root=root, normalize=False)
+    assert isinstance(mafl, MAFL) and mafl[0]["image"].shape == (3, 96, 96) and mafl.normalize is False
+    assert make_dataset("celeba", "val", root=root).paths == CelebA(root, "val").paths
+    with pytest.raises(DatasetError, match="reference preprocessing to 96x96 images; got --image-size 64"):
+        make_dataset("mafl", "test", root=root, size=64)
+    with pytest.raises(DatasetError, match="pass its folder with --data-root"):
+        make_dataset("mafl", "test")
+    with pytest.raises(DatasetError, match="unknown dataset 'mafl-hq'"):
+        make_dataset("mafl-hq", root=root)
+    csv = make_dataset("csv", "train", root=make_csv(tmp_path / "bbc"), size=64, with_visible=True)
+    assert csv[0]["image"].shape == (3, 64, 64)  # CSV files and image folders keep any size
