@@ -686,21 +686,14 @@ def contact_sheet(dataset, path, n=16, indices=None, columns=None, show_mask=Fal
 # =========================================================================================================
 # 3. Real datasets in the layouts their users have on disk
 #
-# A loader reads its dataset's annotation files once, when it is built, into per-sample arrays: image paths,
-# keypoints in source pixels (0-based, pixel centres at integers), visibility, identity, and a source window.
-# An item is one image, resampled ONCE through the axis-aligned map that the preprocessing reduces to:
-#   a protocol crop   the window (left, top, width, height) resized to 136 x 136, then 20 px cut from every
-#                     border: out = (src - (left, top)) * 136 / (width, height) - 20 (cats: 96, no cut). This
-#                     is the reference labels' formula (kp * 136 / 178 for CelebA), which scales about pixel
-#                     (0, 0)'s centre; the image is resampled to match it (PIL's resize of the window would
-#                     scale about its outer corner, 0.12 px away for 178 -> 136);
-#   a whole image     (CUB, CSV files, image folders) the image's (or its centred crop's) edges on the output's
-#                     edges, as PIL resizes: out = (src + 0.5) * out_size / in_size - 0.5.
-# Keypoints go through the same formula, so image and labels agree exactly; outside the source is black. A
-# split that a dataset lacks is held out of its training list by a fixed-seed shuffle (HOLDOUT_SEED), train
-# keeping the rest in file order. `visible` is the annotation's flag, also for a point that leaves the crop
-# (the protocol still scores it). A user's mistake (missing folder or file, malformed row, unreadable image)
-# raises DatasetError: one sentence naming the path and what it should hold. docs/protocol.md lists the layouts.
+# A loader reads its annotation files once, into per-sample arrays: image paths, keypoints in source pixels
+# (0-based, pixel centres at integers), visibility, identity, and the source window of a protocol crop. An item
+# is one image resampled ONCE through out = scale * src + offset, the map its preprocessing reduces to
+# (`_window_map`); keypoints go through the same formula, so image and labels agree exactly, and outside the
+# source is black. A split that a dataset lacks is held out of its training list by a fixed-seed shuffle, train
+# keeping the rest in file order. `visible` is the annotation's flag, also for points that leave the crop (the
+# protocol scores them). A user's mistake (missing folder or file, malformed row, unreadable image) raises
+# DatasetError: one sentence naming the path and what it should hold. docs/protocol.md shows every layout.
 # =========================================================================================================
 HOLDOUT_SEED = 0  # seed of every held-out validation (and cat test) subset: fixed, so runs agree
 SPLITS = ("train", "val", "test")
@@ -732,8 +725,10 @@ CAT_FORMAT = "a .cat file '9 x1 y1 ... x9 y9'"
 
 
 def _window_map(left, top, width, height, resize, cut=0.0, edges=False):
-    """(scale, offset), each (2,), of out = scale * src + offset: the source window resized to `resize` (w, h)
-    px, then `cut` px removed per border. edges=False: the protocol crop; True: edges land on edges."""
+    """(scale, offset), each (2,), of out = scale * src + offset: the source window resized to `resize` (w, h),
+    then `cut` px removed per border. edges=False: the protocol crop, the reference's label formula
+    (src - corner) * 136 / width - 20, which scales about pixel (0, 0)'s centre (the image is resampled to
+    match); edges=True: the window's outer edges on the output's, as PIL resizes: (src + 0.5 - corner) s - 0.5."""
     scale = np.asarray(resize, np.float64) / (width, height)
     shift = 0.5 if edges else 0.0
     return scale, (shift - np.array([left, top])) * scale - shift - cut
@@ -886,9 +881,8 @@ def _open_rgb(path):
 # The dataset every loader fills, and the face datasets
 # ---------------------------------------------------------------------------------------------------------
 class _LandmarkDataset(Dataset):
-    """Images on disk with per-sample annotations, filled by a loader's __init__ through _setup. Class
-    attributes: the sample format's (by default a face dataset with MAFL's 5 landmarks, scored by the
-    inter-ocular error) and the protocol crop's `resize` and `cut`."""
+    """Images with per-sample annotations, filled by a loader through _setup. Class attributes: the sample
+    format's (by default faces with MAFL's 5 landmarks and the inter-ocular error) and the crop's."""
 
     name = ""
     mean, std = FACE_MEAN, FACE_STD
@@ -903,10 +897,9 @@ class _LandmarkDataset(Dataset):
 
     def _setup(self, split, normalize, paths, keypoints, source, visible=None, identity=None, windows=None,
                sizes=None):
-        """paths: N image paths (kept as str: cheap for CelebA's 200k images and for DataLoader workers);
-        keypoints (N, K, 2) source pixels; visible (N, K) bool (all True if None); identity (N,) (-1 if None);
-        windows (N, 4) protocol-crop windows (left, top, width, height), or None for whole images; sizes (N, 2)
-        the (width, height) the annotations assume, checked when an image is read, or None."""
+        """paths: N image paths (str: cheap for CelebA's 200k and for workers); keypoints (N, K, 2) source px;
+        visible (N, K) (None: all); identity (N,) (None: -1); windows (N, 4) of protocol crops (left, top, width,
+        height; None: whole images); sizes (N, 2) (width, height) the annotations assume, or None."""
         if len(paths) == 0:
             raise DatasetError(f"found no {split!r} images of {self.name} in {source}")
         n = len(paths)
@@ -1346,20 +1339,16 @@ class ImageFolderUnlabelled(_LandmarkDataset):
 # =========================================================================================================
 # 4. Warps that move images and points together
 #
-# Thin-plate spline (TPS), affine and elastic warps and their compositions, one warp per sample of a batch.
-# Coordinates are normalised (x, y) in [-1, 1], as grid_sample(align_corners=True) reads them: -1 and +1 are the
-# centres of the first and last pixel, so normalised = 2 px / (size - 1) - 1 (`to_normalised`, `to_pixels`).
-# A warp turns an input image into an output image:
+# Thin-plate spline (TPS), affine and elastic warps and their compositions, one warp per sample of a batch, in
+# normalised (x, y) coordinates: -1 and +1 are the centres of the first and last pixel, as grid_sample reads them
+# with align_corners=True (`to_normalised`, `to_pixels`). A warp turns an input image into an output image:
 #   backward(u)  output -> input, the sampling map: output pixel u shows the input at backward(u);
-#   grid(H, W)   backward at every output pixel (N, H, W, 2): what grid_sample needs, and the dense
-#                correspondence "output pixel -> input location";
-#   forward(x)   input -> output, where an input landmark lands: in closed form for the affine warp, else by
-#                Newton's method on backward, to a residual of 1e-6 normalised (~5e-5 px at 96 px).
-# `a.then(b)` is "first a, then b". Points that leave the frame are never clamped: `in_frame` says which are on
-# the image. Random parameters are drawn in float32 on the generator's device (the CPU by default) and then
-# moved, so a seed gives the same warps on every device and in every dtype. No function here reads a tensor's
-# value on the host, so a GPU never waits for one (tests/test_warps.py counts the calls that would).
-# docs/protocol.md describes DVE's TPS (its presets, where strong draws fold) and why points are moved exactly.
+#   grid(H, W)   backward at every output pixel (N, H, W, 2), what grid_sample needs: the dense correspondence;
+#   forward(x)   input -> output, where a landmark lands: in closed form (affine) or by Newton's method on
+#                backward to a residual of 1e-6 normalised (~5e-5 px at 96 px). Points are never clamped.
+# `a.then(b)` is "first a, then b". Random parameters are drawn in float32 on the generator's device (the CPU by
+# default), so a seed gives the same warps on every device and dtype. Nothing here reads a tensor's value on the
+# host, so a GPU never waits (tests/test_warps.py counts). docs/protocol.md describes DVE's TPS and its folds.
 # =========================================================================================================
 def _hw(size):
     """(H, W) from an int or a pair; at least 2 pixels per side (normalising divides by W - 1)."""
@@ -1413,26 +1402,13 @@ def _on(tensor, device, dtype):
 
 
 class Warp:
-    """A batch of ``n`` warps with parameters on ``device`` in ``dtype``. Subclasses define ``backward`` and
-    usually an analytic ``jacobian``; ``forward`` inverts ``backward`` with Newton's method."""
+    """A batch of ``n`` warps with parameters on ``device`` in ``dtype``. Subclasses define ``backward`` and its
+    Jacobian ``jacobian(uv)`` (N, P, 2, 2), J[..., i, j] = d backward_i / d u_j, which ``forward`` inverts."""
 
     newton_steps = 20  # enough for a double root at the edge of a fold, where each step only halves the error
 
     def __init__(self, n, device, dtype):
         self.n, self.device, self.dtype = int(n), torch.device(device), dtype
-
-    def backward(self, uv):
-        """(N, P, 2) output coordinates -> (N, P, 2) input coordinates."""
-        raise NotImplementedError
-
-    def jacobian(self, uv):
-        """(N, P, 2, 2) Jacobian of ``backward``, J[..., i, j] = d backward_i / d u_j, by autograd (subclasses
-        use the formula). Each output depends on its own point only, so two gradients give every row."""
-        with torch.enable_grad():
-            u = uv.detach().requires_grad_(True)
-            b = self.backward(u)
-            rows = [torch.autograd.grad(b[..., i].sum(), u, retain_graph=i == 0)[0] for i in range(2)]
-        return torch.stack(rows, dim=-2)
 
     def forward(self, xy):
         """(N, P, 2) input -> output coordinates: solves backward(u) = xy from two starts per point. When several
@@ -1677,11 +1653,6 @@ def zoom_out(n, factor, device="cpu", dtype=torch.float32):
     theta = torch.zeros(n, 2, 3, dtype=dtype)
     theta[:, 0, 0] = theta[:, 1, 1] = torch.as_tensor(factor, dtype=theta.dtype)  # backward: u -> factor u
     return AffineWarp(_on(theta, device, dtype))
-
-
-def identity_warp(n, device="cpu", dtype=torch.float32):
-    """N identity warps (an ``AffineWarp``)."""
-    return zoom_out(n, 1.0, device, dtype)
 
 
 class ElasticWarp(Warp):
@@ -1943,7 +1914,7 @@ class Extractor:
         if tuple(images.shape[-2:]) != (height, width):
             raise ValueError(f"this extractor was exported for {height}x{width} images, "
                              f"got {tuple(images.shape[-2:])}; use --image-size {height}")
-        return self.module(images.to(self.device))
+        return self.module(images.to(self.device, non_blocking=True))
 
     def state_fingerprint(self):
         """A hash per parameter/buffer: lets an evaluation assert that it did not change the extractor."""

@@ -77,6 +77,17 @@ def test_bad_files_are_clear_errors(tmp_path):
         data.load_extractor(str(junk))
 
 
+def test_exports_without_our_meta_are_clear_errors(tmp_path):
+    program = torch.export.export(small_net().eval(), (torch.rand(2, 3, 32, 40),))
+    bare, partial = str(tmp_path / "bare.pt2"), str(tmp_path / "partial.pt2")
+    torch.export.save(program, bare)  # a torch.export file, but not made by data.save_extractor
+    with pytest.raises(data.DatasetError, match="carries no meta.json; export it with data.save_extractor"):
+        data.load_extractor(bare)
+    torch.export.save(program, partial, extra_files={"meta.json": json.dumps({"kind": "features"})})
+    with pytest.raises(data.DatasetError, match=r"its meta.json lacks \['input_size', 'channels'"):
+        data.load_extractor(partial)
+
+
 def test_meta_is_checked_when_saving(tmp_path):
     with pytest.raises(ValueError, match="lacks"):
         data.save_extractor(small_net(), str(tmp_path / "x.pt2"), {"kind": "features"}, (0, 0, 0), (1, 1, 1))
