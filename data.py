@@ -202,7 +202,7 @@ def _textures(size):
 def _light(rng, size, strongest):
     """A lighting ramp (S, S): 1 + strength * (the pixel's coordinate along a random direction)."""
     angle, strength, axis = rng.uniform(0, 2 * math.pi), rng.uniform(0, strongest), np.linspace(-1, 1, size)
-    return (1 + strength * (math.cos(angle) * axis[None, :] + math.sin(angle) * axis[:, None])).astype(np.float32)
+    return 1 + strength * (math.cos(angle) * axis[None, :] + math.sin(angle) * axis[:, None])
 
 
 class _Synthetic(Dataset):
@@ -254,12 +254,13 @@ class _Synthetic(Dataset):
         [(label id, (N, 2) pixels)] in order."""
         size = self.size[0]
         canvas = Image.new("L", (size, size), 0)
-        for label in range(1, int(rng.integers(5, CLUTTER + 2)) if clutter else 1):
-            rx, ry, angle, x, y = rng.uniform([0.1, 0.1, 0, -1, -1], [0.5, 0.5, math.pi, 1, 1])
-            turn = np.array([[math.cos(angle), math.sin(angle)], [-math.sin(angle), math.cos(angle)]])
-            shape = _ellipse([0, 0], rx, ry, (3, 4, 16)[rng.integers(3)]) @ turn + [x, y]
-            polygons.insert(label - 1, (label, (shape + 1) * (size - 1) / 2))
-            colours[label] = np.clip(colours[0] * rng.uniform(0.6, 1.4) + rng.uniform(-spread, spread, 3), 0, 1)
+        shapes = rng.random((int(rng.integers(4, CLUTTER + 1)) if clutter else 0, 10))  # 10 numbers per shape
+        for label, (w, h, angle, x, y, corners, tint, *hue) in enumerate(shapes.tolist(), 1):
+            turn = np.array([[math.cos(math.pi * angle), math.sin(math.pi * angle)],
+                             [-math.sin(math.pi * angle), math.cos(math.pi * angle)]])
+            shape = _ellipse([0, 0], 0.1 + 0.4 * w, 0.1 + 0.4 * h, (3, 4, 16)[int(3 * corners)]) @ turn
+            polygons.insert(label - 1, (label, (shape + [2 * x, 2 * y]) * (size - 1) / 2))  # centres in [-1, 1]
+            colours[label] = np.clip(colours[0] * (0.6 + 0.8 * tint) + spread * (2 * np.array(hue) - 1), 0, 1)
         draw = ImageDraw.Draw(canvas)
         for label, pixels in polygons:
             if len(pixels) >= 3:  # (a cut patch can be empty)
@@ -275,7 +276,7 @@ class _Synthetic(Dataset):
         y, x = rng.integers(0, textures.shape[1] - size + 1, 2)
         grainy, streaky = textures[:, y:y + size, x:x + size]
         image = np.take(colours.T, labels, axis=1) * (light + grain[labels] * grainy + streaks[labels] * streaky)
-        image = np.clip(image, 0, 1).astype(np.float32)  # (3, S, S)
+        image = np.clip(image, 0, 1, dtype=np.float32)  # (3, S, S)
         if self.normalize:
             image = (image - np.float32(self.mean)[:, None, None]) / np.float32(self.std)[:, None, None]
         sample = {"image": torch.from_numpy(image), "keypoints": torch.from_numpy(keypoints.astype(np.float32)),
@@ -342,8 +343,8 @@ class SyntheticFaces(_Synthetic):
         # Behind the face: long hair, the shirt, the neck and the ears.
         if p["long_hair"] > 0.55:
             length, volume = b * (0.3 + 0.8 * (p["long_hair"] - 0.55) / 0.45), p["hair_volume"]
-            add("hair", np.r_[[[-1.2 * a, length]], _arc(math.pi, 2 * math.pi, 16) * [1.08 * a * volume, b * volume],
-                              [[1.2 * a, length]]])
+            crown = _arc(math.pi, 2 * math.pi, 16) * [1.08 * a * volume, b * volume]
+            add("hair", np.concatenate([[[-1.2 * a, length]], crown, [[1.2 * a, length]]]))
         add("shirt", [[-0.45 * a / 0.65, 0.78 * b], [0.45 * a / 0.65, 0.78 * b], [2 * a, 1.15 * b], [2.5 * a, 2.2 * b],
                       [-2.5 * a, 2.2 * b], [-2 * a, 1.15 * b]])
         add("neck", np.array([[-0.5, 0.0], [0.5, 0.0], [0.52, 1.0], [0.0, 1.12], [-0.52, 1.0]]) * [a, b])
@@ -374,8 +375,8 @@ class SyntheticFaces(_Synthetic):
         hx, volume = np.linspace(1, -1, 13), p["hair_volume"]
         line = b * p["hairline"] + 0.25 * b * hx ** 2
         end = math.asin(min(max(b * p["side_len"], line[0] + 0.05 * b) / (b * volume), 0.95))  # lock ends
-        add("hair", np.r_[_arc(math.pi - end, 2 * math.pi + end, 24) * [a * volume, b * volume],
-                          np.column_stack([hx * a * (1 - p["side_thick"]), line])])
+        crown = _arc(math.pi - end, 2 * math.pi + end, 24) * [a * volume, b * volume]
+        add("hair", np.concatenate([crown, np.column_stack([hx * a * (1 - p["side_thick"]), line])]))
 
         # Nose: a wedge from the bridge to the nostril wings that stands out more towards the tip, and the tip.
         ny, nw, depth = p["nose_y"], p["nose_w"], p["nose_depth"]
@@ -427,9 +428,9 @@ class SyntheticFaces(_Synthetic):
 
         # Wild scenes: glasses (an identity trait: two rims and a bridge), a foreign object in front of the face.
         if scenic and p["glasses"] > 0.65:
-            for side in (-1, 1):
-                add("glasses", np.r_[_ellipse([side * ex, ey], 1.45 * ew + 0.012, 1.15 * ew + 0.012),
-                                     _ellipse([side * ex, ey], 1.45 * ew - 0.012, 1.15 * ew - 0.012)[::-1]])
+            for side in (-1, 1):  # a ring: the outer ellipse, then the inner one backwards
+                outer, inner = (_ellipse([side * ex, ey], 1.45 * ew + d, 1.15 * ew + d) for d in (0.012, -0.012))
+                add("glasses", np.concatenate([outer, inner[::-1]]))
             add("glasses", [[1.4 * ew - ex, ey - 0.012], [ex - 1.4 * ew, ey - 0.012], [ex - 1.4 * ew, ey + 0.012],
                             [1.4 * ew - ex, ey + 0.012]], 0.05)
         if scenic and rng.random() < 0.25:
@@ -450,8 +451,8 @@ class SyntheticFaces(_Synthetic):
             u, v = scale * (cos_r * x - sin_r * y) + tx, scale * (sin_r * x + cos_r * y) + ty
             return (np.column_stack([u, v]) + 1) * (size - 1) / 2
 
-        pixels = to_pixels(*(np.concatenate(column) for column in list(zip(*shapes))[1:]))
-        pixels = np.split(pixels, np.cumsum([len(points) for _, points, _ in shapes])[:-1])
+        points, lifts = (np.concatenate([shape[k] for shape in shapes]) for k in (1, 2))
+        pixels = np.split(to_pixels(points, lifts), np.cumsum([len(shape[1]) for shape in shapes])[:-1])
         keypoints = np.array([marks[name] for name in self.landmark_names])
         keypoints = to_pixels(keypoints[:, :2], keypoints[:, 2])
         visible = ((keypoints >= 0) & (keypoints <= size - 1)).all(1)
@@ -468,14 +469,13 @@ class SyntheticFaces(_Synthetic):
                              "teeth": (0.92, 0.9, 0.85), "glasses": (0.1, 0.1, 0.12),
                              "occluder": rng.uniform(0.1, 0.9, 3)}.items():
             colours[FACE[name]] = colour
-        labels = self._draw(rng, [(FACE[label], q) for (label, _, _), q in zip(shapes, pixels)], colours, scenic, 0.25)
+        labels = self._draw(rng, [(FACE[shape[0]], q) for shape, q in zip(shapes, pixels)], colours, scenic, 0.25)
 
         # Light: a ramp across the image, and skin that darkens towards the face's outline like a lit ball, by
         # r^2 of the pixel in the head ellipse's frame (the pose undone, the yaw taken as a narrowing).
-        axis = np.linspace(-1, 1, size, dtype=np.float32)
-        u, v = axis[None, :] - np.float32(tx), axis[:, None] - np.float32(ty)
-        r2 = ((np.float32(cos_r / (scale * a * cos_y)) * u + np.float32(sin_r / (scale * a * cos_y)) * v) ** 2
-              + (np.float32(cos_r / (scale * b)) * v - np.float32(sin_r / (scale * b)) * u) ** 2)
+        axis = np.linspace(-1, 1, size)
+        u, v = axis[None, :] - tx, axis[:, None] - ty  # (1, S), (S, 1): from the face's centre
+        r2 = ((cos_r * u + sin_r * v) / (scale * a * cos_y)) ** 2 + ((cos_r * v - sin_r * u) / (scale * b)) ** 2
         light = _light(rng, size, 0.35 if scenic else 0.15) - FACE_SHADED[labels] * np.minimum(r2, 1.5)
         grain = FACE_GRAIN.copy()
         grain[:CLUTTER + 1] = 0.22 if scenic else 0.04  # background and clutter
@@ -543,9 +543,9 @@ class SyntheticBirds(_Synthetic):
             marks[name] = (0.85 * (d[0] * ax + d[1] * p["body_h"] * ax_up), "body", normal[2] > facing)
 
         # Head: a sphere of radius r turned by head_turn and pitched by head_pitch (frame hf, hl, hu), with a
-        # cap; crown, forehead, nape and throat lie along directions of its (hf, hu) plane.
-        # An eye is a disc tangent to the sphere, drawn only while it faces the viewer. The head is drawn
-        # after the body even when its centre is a little farther: it sits on the body's front end.
+        # cap; crown, forehead, nape and throat lie along directions of its (hf, hu) plane. An eye is a disc
+        # tangent to the sphere, drawn only while it faces the viewer. The head is drawn after the body even
+        # when its centre is a little farther: it sits on the body's front end.
         r, turn, tilt = p["head_r"], p["head_turn"], p["head_pitch"]
         hf = math.cos(tilt) * (math.cos(turn) * forward + math.sin(turn) * left) + math.sin(tilt) * up
         hl = -math.sin(turn) * forward + math.cos(turn) * left
@@ -563,8 +563,9 @@ class SyntheticBirds(_Synthetic):
             normal = _unit(0.37 * hf + 0.3 * hu + side * 0.88 * hl)  # on the side of the head, a little up
             marks[name] = (head + r * normal, name, True)
             if normal[2] > 0:
-                t1 = _unit(hu - (hu @ normal) * normal)
-                shapes.append((name, marks[name][0][:2] + p["eye_r"] * _circle(16) @ [t1[:2], _cross(normal, t1)[:2]]))
+                t1 = _unit(hu - (hu @ normal) * normal)  # t1, t2: the disc's plane, tangent to the head
+                t2 = _cross(normal, t1)
+                shapes.append((name, marks[name][0][:2] + p["eye_r"] * _circle(16) @ [t1[:2], t2[:2]]))
         groups.append((max(head[2], 0.01), shapes))
 
         # Beak: a cone along hf drooping along -hu, seen as its base disc plus the triangle from the tip to
@@ -633,14 +634,13 @@ class SyntheticBirds(_Synthetic):
         colours = np.zeros((len(BIRD_LABELS), 3), np.float32)
         colours[0] = rng.uniform([0.2, 0.3, 0.2], [0.7, 0.8, 0.8])
         for name, colour in {"body": main, "head": main, "belly": belly, "breast": (belly + main) / 2,
-                             "cap": PLUMAGE[p["cap"]], "left wing": wing,
-                             "right wing": wing, "tail": 0.85 * wing, "beak": BEAKS[p["beak_colour"]],
-                             "left leg": LEGS[p["leg_colour"]], "right leg": LEGS[p["leg_colour"]], "left eye": 0.03,
-                             "right eye": 0.03,
+                             "cap": PLUMAGE[p["cap"]], "left wing": wing, "right wing": wing, "tail": 0.85 * wing,
+                             "beak": BEAKS[p["beak_colour"]], "left leg": LEGS[p["leg_colour"]],
+                             "right leg": LEGS[p["leg_colour"]], "left eye": 0.03, "right eye": 0.03,
                              "perch": rng.uniform(0.25, 0.5) * np.array([1.0, 0.8, 0.6])}.items():
             colours[BIRD[name]] = colour
-        labels = self._draw(rng, [(BIRD["perch"], np.array(perch))] + [(BIRD[label], q) for (label, _), q in
-                                                                         zip(shapes, pixels)], colours, True, 0.15)
+        polygons = [(BIRD["perch"], np.array(perch))] + [(BIRD[label], q) for (label, _), q in zip(shapes, pixels)]
+        labels = self._draw(rng, polygons, colours, True, 0.15)
 
         # Visibility: in the image, its own part on top at its pixel, and (surface points) facing the viewer.
         x, y = np.clip(np.rint(keypoints).astype(int), 0, size - 1).T
@@ -696,15 +696,12 @@ def contact_sheet(dataset, path, n=16, indices=None, columns=None, show_mask=Fal
 # DatasetError: one sentence naming the path and what it should hold. docs/protocol.md shows every layout.
 # =========================================================================================================
 HOLDOUT_SEED = 0  # seed of every held-out validation (and cat test) subset: fixed, so runs agree
-SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-# "left" and "right" as seen in the image (CelebA's left eye has the smaller x), also for 300W's 68 points.
-MAFL_LANDMARKS = ("left eye", "right eye", "nose tip", "left mouth corner", "right mouth corner")
+# The built-in data's MAFL_NAMES and CUB_NAMES name the real datasets' landmarks too. "Left" and "right" are as
+# seen in the image for faces (CelebA's left eye has the smaller x), also for 300W's 68 points.
 W300_LANDMARKS = tuple(f"{part} {i + 1}" for part, count in (
     ("jaw", 17), ("left brow", 5), ("right brow", 5), ("nose bridge", 4), ("nose base", 5),
     ("left eye", 6), ("right eye", 6), ("outer lip", 12), ("inner lip", 8)) for i in range(count))
-CUB_PARTS = ("back", "beak", "belly", "breast", "crown", "forehead", "left eye", "left leg", "left wing", "nape",
-             "right eye", "right leg", "right wing", "tail", "throat")
 CAT_KEEP = (0, 1, 2, 3, 5, 6, 8)  # of the 9 cat points, drop the ear tips 4 and 7 (as Rahaman et al.)
 CAT_LANDMARKS = ("left eye", "right eye", "mouth", "left ear 1", "left ear 3", "right ear 1", "right ear 3")
 CELEBA_WILD_MARGIN = 1.25  # our choice: square side = 1.25 x the longer side of CelebA's face box
@@ -865,8 +862,8 @@ def _holdout(n, split, val_size, source, test_size=0):
 
 
 def _check_split(split):
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    if split not in SPLIT_CODES:
+        raise ValueError(f"split must be one of {tuple(SPLIT_CODES)}, not {split!r}")
 
 
 def _open_rgb(path):
@@ -887,7 +884,7 @@ class _LandmarkDataset(Dataset):
     name = ""
     mean, std = FACE_MEAN, FACE_STD
     size = (96, 96)
-    landmark_names = MAFL_LANDMARKS
+    landmark_names = MAFL_NAMES
     eye_indices = (0, 1)
     metric = "iod"
     has_mask = False
@@ -946,18 +943,15 @@ class _LandmarkDataset(Dataset):
 class CelebA(_LandmarkDataset):
     """CelebA (Liu et al. 2015), the face papers' self-supervised training set; 5 landmarks in MAFL order.
 
-    root holds Img/, Anno/, Eval/ and MAFL/. Eval/list_eval_partition.txt puts every image in train (0), val
-    (1) or test (2); both MAFL lists (MAFL/training.txt, MAFL/testing.txt) are removed from every split, so
-    pretraining never sees an evaluation face. Anno/identity_CelebA.txt ('<image> <identity>') gives the
-    identity when it is there (else -1). The landmark lists have a row count, a header line, then rows
-    '<image> x1 y1 ... x5 y5', used as they are (0-based, as the reference does); pretraining ignores them.
-    - aligned (default): the 178x218 images of Img/img_align_celeba/ (or img_align_celeba_hq/),
-      Anno/list_landmarks_align_celeba.txt; crop the 178x178 square from row 30 down, resize to 136, cut 20
-      per border: 96x96, keypoints (x, y - 30) * 136 / 178 - 20.
-    - wild=True: Img/img_celeba/, Anno/list_landmarks_celeba.txt and the face boxes of
-      Anno/list_bbox_celeba.txt ('<image> x y width height'). Our own crop (the reference has none): a
-      square of 1.25 x the box's longer side centred on the box, then 136 and the cut of 20 as aligned,
-      which shows faces at about the aligned scale.
+    root holds Img/, Anno/, Eval/, MAFL/. Eval/list_eval_partition.txt ('<image> 0|1|2') gives train, val, test,
+    each without the images of both MAFL lists (pretraining never sees an evaluation face). Landmark lists: a
+    row count, a header, then '<image> x1 y1 ... x5 y5', used as they are (0-based, as the reference does).
+    Identities from Anno/identity_CelebA.txt ('<image> <identity>') if it is there, else -1.
+    - aligned: the 178x218 images of Img/img_align_celeba/ (or _hq/), Anno/list_landmarks_align_celeba.txt;
+      the 178x178 square from row 30 down -> 136 -> cut 20: keypoints (x, y - 30) * 136 / 178 - 20.
+    - wild=True: Img/img_celeba/, Anno/list_landmarks_celeba.txt, and the boxes of Anno/list_bbox_celeba.txt
+      ('<image> x y width height'); our crop (the reference has none): a square of 1.25 x the box's longer
+      side centred on it -> 136 -> cut 20, faces at about the aligned scale.
     """
 
     name = "celeba"
@@ -971,7 +965,7 @@ class CelebA(_LandmarkDataset):
         bad = next(((n, part) for n, (_, part) in partition if part not in ("0", "1", "2")), None)
         if bad:
             raise _bad(path, PARTITION_FORMAT, f"line {bad[0]} has partition {bad[1]!r}")
-        wanted = str(SPLITS.index(split))
+        wanted = str(SPLIT_CODES[split])  # CelebA's codes are ours: train 0, val 1, test 2
         self.name = "celeba_wild" if wild else "celeba"
         self._load(root, split, normalize, [n for _, (n, part) in partition if part == wanted and n not in mafl],
                    wild)
@@ -1007,12 +1001,10 @@ def _mafl_names(root, list_name):
 
 
 class MAFL(CelebA):
-    """MAFL (Zhang et al. 2014): 19,000 training and 1,000 test faces of aligned CelebA, 5 landmarks.
-
-    root is the CelebA folder: MAFL/training.txt and MAFL/testing.txt name the images (column 0), landmarks
-    and preprocessing are aligned CelebA's. test = testing.txt in file order (CelebA's order, which the
-    matching benchmark pairs up); val = `val_size` images held out of training.txt (HOLDOUT_SEED), so that
-    epochs are chosen without the test set; train = the rest.
+    """MAFL (Zhang et al. 2014): 19,000 training and 1,000 test faces of aligned CelebA, 5 landmarks. root is the
+    CelebA folder; MAFL/training.txt and MAFL/testing.txt name the images (column 0). test = testing.txt in file
+    order (CelebA's, which the matching benchmark pairs up); val = `val_size` held out of training.txt, so that
+    epochs are chosen without the test set; train = the rest. Landmarks and crop: aligned CelebA's.
     """
 
     name = "mafl"
@@ -1027,15 +1019,13 @@ class MAFL(CelebA):
 
 
 class AFLW_M(_LandmarkDataset):
-    """AFLW in its MTFL version (5 landmarks): trained on Thewlis et al.'s crops, tested on MTFL's.
+    """AFLW in its MTFL version (5 landmarks), all 150x150 images with 1-based points: (p - 1) * 136 / 150 - 20.
 
-    - train, val: aflw_cropped/facedata_cropped.csv, a CSV whose header names image_file, set and crop_file,
-      followed by the points x1, y1, ..., x5, y5 (the file may begin with an unnamed index column, so columns
-      are found by name); the rows of set 1 (10,122), images aflw_cropped/cropped/<crop_file>; val =
-      `val_size` rows held out (HOLDOUT_SEED).
-    - test: MTFL/testing.txt, rows '<path> x1 ... x5 y1 ... y5' (2,995; MTFL may append 4 attribute columns,
-      ignored; Windows backslashes are accepted), images under MTFL/.
-    Both files count pixels from 1. Every image is 150x150: resized to 136, cut 20: (p - 1) * 136 / 150 - 20.
+    - train, val: aflw_cropped/facedata_cropped.csv, a header naming image_file, set, crop_file, then x1, y1, ...,
+      x5, y5 (columns are found by name: the file may begin with an unnamed index column); the 10,122 rows of
+      set 1, images aflw_cropped/cropped/<crop_file>; val = `val_size` rows held out.
+    - test: MTFL/testing.txt, '<path> x1 ... x5 y1 ... y5' (2,995 rows; MTFL's 4 attribute columns after them
+      are ignored, Windows backslashes accepted), images under MTFL/.
     """
 
     name = "aflw_m"
@@ -1068,13 +1058,10 @@ class AFLW_M(_LandmarkDataset):
 
 
 class AFLW_R(_LandmarkDataset):
-    """AFLW as recropped by Thewlis et al. (5 landmarks; 10,122 train, 2,991 test).
-
-    root holds aflw_{train,test}_images.txt (image names under output/, one per row) and
-    aflw_{train,test}_keypoints.mat, whose `gt` (N, 5, 2) stores the points as (y, x) and `hw` (N, 2) each
-    image's (height, width). val = `val_size` images held out of the training list (HOLDOUT_SEED; the
-    reference held out its last 10%). Each image is resized to 136x136 whatever its aspect, then cut 20:
-    points p * 136 / (w, h) - 20.
+    """AFLW as recropped by Thewlis et al. (5 landmarks; 10,122 train, 2,991 test). root holds
+    aflw_{train,test}_images.txt (names under output/) and aflw_{train,test}_keypoints.mat: `gt` (N, 5, 2) as
+    (y, x) and `hw` (N, 2) each image's (height, width). val = `val_size` held out of train (the reference held
+    out its last 10%). Each image -> 136x136 whatever its aspect -> cut 20: p * 136 / (w, h) - 20.
     """
 
     name = "aflw_r"
@@ -1097,18 +1084,15 @@ class AFLW_R(_LandmarkDataset):
 
 
 class W300(_LandmarkDataset):
-    """300W (Sagonas et al. 2013), 68 landmarks, with the split of Ren et al. 2014.
+    """300W (Sagonas et al. 2013), 68 landmarks, Ren et al.'s split.
 
-    root holds 'Bounding Boxes/bounding_boxes_<subset>.mat' (a cell array of structs: imgName,
-    bb_ground_truth = xmin, ymin, xmax, ymax) and the images with a .pts file beside each ('version: 1',
-    'n_points: 68', '{', 68 rows 'x y', '}') in afw/, helen/{trainset,testset}/, lfpw/{trainset,testset}/,
-    ibug/. train = afw + helen train + lfpw train (3,148); test = helen test + lfpw test + the ibug entries
-    whose names start with "image" (689: 300W ships no image for the others); val = `val_size` held out of
-    train (HOLDOUT_SEED). Boxes and points count from 1; the box width is xmax - xmin + 1. Preprocessing:
-    scale the image so that the box is 52 px wide, cut the 100x100 window centred on the box moved 2 px up
-    (black outside the image), resize to 136, cut 20. Deviation: the reference floors the scaled box centre
-    to a whole pixel, 1 px right of and below the true centre; we centre exactly (about 1 px of framing,
-    image and labels alike).
+    root holds 'Bounding Boxes/bounding_boxes_<subset>.mat' (structs: imgName, bb_ground_truth = xmin, ymin,
+    xmax, ymax) and the images with a .pts file each in afw/, helen/{trainset,testset}/, lfpw/{trainset,
+    testset}/, ibug/. train = afw + helen and lfpw train (3,148); test = helen and lfpw test + the ibug entries
+    named "image*" (689: there is no image for the others); val = `val_size` held out of train. Boxes and points
+    are 1-based, the box width xmax - xmin + 1. Crop: scale so that the box is 52 px wide, the 100x100 window
+    centred on the box moved 2 px up (black outside) -> 136 -> cut 20. Deviation: the reference floors the
+    scaled box centre, 1 px off the true one; we centre exactly (1 px of framing, image and labels alike).
     """
 
     name = "300w"
@@ -1175,17 +1159,16 @@ def _read_pts(path):
 class CUB(_LandmarkDataset):
     """CUB-200-2011 (Wah et al. 2011): 15 parts with visibility, scored by PCK; ImageNet statistics.
 
-    root is the official release: images.txt ('<image id> <path under images/>'), parts/part_locs.txt
-    ('<image id> <part id 1-15> x y <visible 0|1>'; a hidden part stores 0 0, which means nothing),
-    parts/parts.txt (the part names, if there), images/. The split is `split_file` when given, a text file of
-    paths under images/ (e.g. ContrastLandmark's 1,241 / 382 / 383 Passeroidea images; `split` then only
-    names it), in its order; else train_test_split.txt ('<image id> 1|0', 1 = train) with `val_size` held
-    out of train. Each whole image is resized to 96x96, aspect not kept, edges on edges.
+    root: images.txt ('<image id> <path under images/>'), parts/part_locs.txt ('<image id> <part 1-15> x y
+    <visible 0|1>'; a hidden part's 0 0 means nothing), parts/parts.txt (part names, optional), images/. The
+    split: `split_file`, paths under images/ in its order (e.g. ContrastLandmark's 1,241 / 382 / 383 Passeroidea
+    images; `split` then only names it), else train_test_split.txt ('<image id> 1|0', 1 = train) with
+    `val_size` held out of train. The whole image -> 96x96, aspect not kept, edges on edges.
     """
 
     name = "cub"
     mean, std = IMAGENET_MEAN, IMAGENET_STD
-    landmark_names, eye_indices, metric = CUB_PARTS, None, "pck"
+    landmark_names, eye_indices, metric = CUB_NAMES, None, "pck"
 
     def __init__(self, root, split="train", normalize=True, split_file=None, val_size=500):
         _check_split(split)
@@ -1228,12 +1211,10 @@ class CUB(_LandmarkDataset):
 
 
 class CatHeads(_LandmarkDataset):
-    """Cat heads (Zhang et al. 2008): beside each X.jpg, X.jpg.cat holds '9 x1 y1 ... x9 y9' (left eye, right
-    eye, mouth, left ear 1-3, right ear 1-3; point 2 of an ear is its tip), searched for under root (CAT_00/
-    ... CAT_06/). As Rahaman et al., the two ear tips are dropped: 7 landmarks. No official split; ours:
-    a HOLDOUT_SEED shuffle gives `test_size` images to test, `val_size` to val, the rest to train. Our crop:
-    a square 1.5 x the longer side of the box around all 9 points (tips included, so the ears fit), centred
-    on it, black outside the image, resized to 96x96.
+    """Cat heads (Zhang et al. 2008): X.jpg.cat beside each X.jpg under root holds '9 x1 y1 ... x9 y9' (eyes,
+    mouth, left ear 1-3, right ear 1-3; point 2 of an ear is its tip). As Rahaman et al., the ear tips are
+    dropped: 7 landmarks. Our split: `test_size` and `val_size` held out, the rest train. Our crop: a square of
+    1.5 x the longer side of the 9 points' box (ears included), centred on it, black outside, -> 96x96.
     """
 
     name = "cat_heads"
@@ -1261,13 +1242,11 @@ class CatHeads(_LandmarkDataset):
 
 
 class CSVKeypoints(_LandmarkDataset):
-    """Any images with points in a plain CSV file (e.g. BBC Pose, or your own data).
-
-    root is a folder with train.csv, val.csv and test.csv, or one .csv file for every split. A row: the image
-    path relative to the CSV's folder, then x, y (with `with_visible`: x, y, visible 0|1) per landmark, in
-    0-based source pixels with pixel centres at integers (subtract 1 from 1-based data). An optional header
-    (its second field is not a number) names the landmarks by their x columns, without a trailing "_x". The
-    whole image is resized to `size` (int or (H, W)), aspect not kept, edges on edges.
+    """Any images with points in a CSV (e.g. BBC Pose, or your own): root is a folder of train.csv, val.csv and
+    test.csv, or one .csv for every split. A row: the image path (relative to the CSV), then x, y (or with
+    `with_visible`: x, y, visible 0|1) per landmark in 0-based pixels (subtract 1 from 1-based data). An optional
+    header (second field not a number) names the landmarks by their x columns ("head_x" -> "head"). The whole
+    image -> `size` (int or (H, W)), aspect not kept, edges on edges.
     """
 
     name = "csv"
@@ -1306,10 +1285,9 @@ class CSVKeypoints(_LandmarkDataset):
 
 
 class ImageFolderUnlabelled(_LandmarkDataset):
-    """Unlabelled images (K = 0) for pretraining, e.g. iNaturalist Aves: a folder, searched recursively for
-    image files, or a text file with one path per row (relative to its folder, or absolute). No test split;
-    val = `val_size` images held out (HOLDOUT_SEED; 0 by default: all is train). Each image is resized so
-    that its shorter side fits `size` (int or (H, W)) and centre-cropped, keeping its aspect.
+    """Unlabelled images (K = 0), e.g. iNaturalist Aves: a folder, searched recursively, or a text file with one
+    path per row. No test split; val = `val_size` held out (0: all is train). Each image is resized so that its
+    shorter side fits `size` (int or (H, W)) and centre-cropped.
     """
 
     name = "image_folder"
