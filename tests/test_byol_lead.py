@@ -1,6 +1,7 @@
-"""byol_lead.py: losses against naive loops, BYOL's target network, the decoder's shape, and the script end to end.
+"""byol_lead.py: losses against naive loops, BYOL's target network, the views against torchvision sample by sample,
+no host syncs in a step, exports on another device, and the script end to end (marked slow).
 
-Tiny settings throughout (ResNet-18 at 64 px, batches of 4) so that the file runs in about a minute on one core.
+Tiny settings throughout (ResNet-18 at 64 px, batches of 4) so that the fast tests run in seconds.
 """
 import copy
 import json
@@ -11,9 +12,11 @@ import pytest
 import torch
 from torch import nn
 
+import torchvision
+import torchvision.transforms.v2.functional as TF
+
 import byol_lead as bl
 import data
-import evaluate_exports
 
 TINY = ["--image-size", "64", "--train-images", "8", "--batch-size", "4", "--workers", "0", "--byol-hidden", "64",
         "--byol-dim", "16", "--nmf-images", "4", "--nmf-iters", "10", "--nmf-k", "4", "--lead-dim", "8",
@@ -93,19 +96,29 @@ def test_lead_loss_has_zero_gradient_when_q_equals_p():
     assert s_i.grad.abs().max() > 1e-2
 
 
-def test_chunked_lead_loss_equals_the_unchunked_one_with_its_gradients():
+def test_chunked_lead_loss_equals_the_plain_one_with_its_gradients():
     torch.manual_seed(0)
     t_i, t_j = torch.randn(2, 3, 10, 5, 7)
     s = torch.randn(2, 3, 4, 5, 7, requires_grad=True)
-    values, grads = [], []
-    for chunk in (0, 8, 35):  # unchunked; 5 chunks, the last one short; one chunk of everything
-        s.grad = None
-        loss = bl.lead_loss(t_i, t_j, s[0], s[1], tau=0.05, chunk=chunk)
-        loss.backward()
-        values.append(loss.item())
-        grads.append(s.grad.clone())
-    assert values[1] == pytest.approx(values[0], rel=1e-5) and values[2] == pytest.approx(values[0], rel=1e-5)
-    assert torch.allclose(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    plain = bl.lead_loss(t_i, t_j, s[0], s[1], tau=0.05)
+    expected = torch.autograd.grad(plain, s)[0]
+    for chunk in (8, 35, 100):  # 5 chunks, the last one short; one chunk of everything; more rows than there are
+        loss = bl.lead_loss_chunked(t_i, t_j, s[0], s[1], tau=0.05, chunk=chunk)
+        assert loss.item() == pytest.approx(plain.item(), rel=1e-5)
+        assert torch.allclose(torch.autograd.grad(loss, s)[0], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_the_teacher_distributions_are_computed_once_without_gradient(monkeypatch):
+    """Issue 21 item 9: inside activation checkpointing the teacher's B x hw x hw similarities would be
+    recomputed in the backward pass although they need no gradient."""
+    calls = []
+    plain = bl.similarity_distributions
+    monkeypatch.setattr(bl, "similarity_distributions", lambda *a, **k: calls.append(torch.is_grad_enabled())
+                        or plain(*a, **k))
+    t_i, t_j = torch.randn(2, 2, 6, 4, 4)
+    s_i = torch.randn(2, 3, 4, 4, requires_grad=True)
+    bl.lead_loss_chunked(t_i, t_j, s_i, torch.randn(2, 3, 4, 4), chunk=5).backward()
+    assert calls == [False]
 
 
 @pytest.mark.parametrize("size", [64, 96])
@@ -120,39 +133,114 @@ def test_decoder_merges_four_levels_into_a_map_at_a_quarter_of_the_input(size):
     assert list(compact.decoder.fpn.inner_blocks[0].parameters())[0].shape[1] == 64  # layer1's 64 channels
 
 
-def test_views_and_pairs_depend_only_on_seed_epoch_and_index():
-    dataset = data.make_dataset("synth-faces", "train", size=64, normalize=False, length=4)
-    views = bl.ByolViews(dataset, 64, dataset.mean, dataset.std, seed=0)
-    a = views[1]
-    assert a["view1"].shape == (3, 64, 64) and not torch.equal(a["view1"], a["view2"])
-    assert torch.equal(views[1]["view2"], a["view2"])
-    views.epoch = 1
-    assert not torch.equal(views[1]["view1"], a["view1"])
-    pairs = bl.LeadPairs(dataset, seed=0, warp=True)
-    b = pairs[2]
-    assert torch.equal(b["image"], dataset[2]["image"]) and not torch.equal(b["warped"], b["image"])
-    assert torch.equal(pairs[2]["warped"], b["warped"])
+def reference_view(image, p, i, size):
+    """Sample i of view_params `p` made with torchvision's per-sample functions, as byol_lead.py did before."""
+    x1, y1, x2, y2 = [int(v) for v in p["box"][i]]
+    x = TF.resized_crop(image, y1, x1, y2 - y1, x2 - x1, [size, size], antialias=True).float() / 255
+    x = TF.horizontal_flip(x) if p["flip"][i] else x
+    adjust = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for j in p["order"][i].tolist() if p["jitter"][i] else []:
+        x = adjust[j](x, p["factors"][i, j].item())
+    x = TF.rgb_to_grayscale(x, num_output_channels=3) if p["gray"][i] else x
+    kernel = 2 * (size // 20) + 1
+    x = TF.gaussian_blur(x, [kernel] * 2, [p["sigma"][i].item()] * 2) if p["blur"][i] else x
+    return TF.solarize(x, 0.5) if p["solarize"][i] else x
+
+
+def test_batched_views_match_torchvision_sample_by_sample():
+    dataset = data.make_dataset("synth-faces", "train", size=64, normalize=False, length=16)
+    images = torch.stack([bl.Images(dataset)[(3, i)]["image"] for i in range(16)])  # uint8, any epoch
+    assert images.dtype == torch.uint8 and torch.equal(images[0], bl.Images(dataset)[(0, 0)]["image"])
+    for blur, solarize in ((1.0, 0.0), (0.5, 0.5)):
+        p = bl.view_params(16, 64, data.generator(0, 7), blur, solarize)
+        views = bl.byol_views(images, p)
+        reference = torch.stack([reference_view(images[i], p, i, 64) for i in range(16)])
+        difference = (views - reference).abs()
+        assert difference.mean() < 2e-3 and difference.max() < 0.03  # torchvision rounds the crop to uint8
+        assert torch.equal(bl.byol_views(images, bl.view_params(16, 64, data.generator(0, 7), blur, solarize)),
+                           views)  # a function of the generator's keys only
+    assert p["flip"].any() and p["jitter"].any() and p["gray"].any() and p["blur"].any() and p["solarize"].any()
+
+
+def test_view_parameters_follow_byols_distributions():
+    n, size = 20000, 96
+    p = bl.view_params(n, size, data.generator(1, 2), blur=0.1, solarize=0.2)
+    x1, y1, x2, y2 = p["box"].unbind(1)
+    area, ratio = (x2 - x1) * (y2 - y1) / size ** 2, (x2 - x1) / (y2 - y1)
+    assert x1.min() >= 0 and y1.min() >= 0 and x2.max() <= size and y2.max() <= size
+    torch.manual_seed(0)  # torchvision's RandomResizedCrop, which the per-sample views used, as the reference
+    crop = torchvision.transforms.RandomResizedCrop(size, antialias=True)
+    boxes = torch.tensor([crop.get_params(torch.zeros(3, size, size), crop.scale, crop.ratio)[2:] for _ in range(n)])
+    reference = boxes.prod(1) / size ** 2
+    assert area.min() > 0.075 and area.max() == 1.0 and abs(area.mean() - reference.mean()) < 0.01
+    assert abs((area == 1).float().mean() - (reference == 1).float().mean()) < 0.01  # all tries failed: whole
+    assert ratio.min() > 0.7 and ratio.max() < 1.4
+    for key, rate in (("flip", 0.5), ("jitter", 0.8), ("gray", 0.2), ("blur", 0.1), ("solarize", 0.2)):
+        assert abs(p[key].float().mean().item() - rate) < 0.015, key
+    assert torch.equal(p["order"].sort(1).values, torch.arange(4).expand(n, 4))  # permutations
+    assert (p["order"][:, 0] == 3).float().mean().item() == pytest.approx(0.25, abs=0.015)  # any order
+    low, high = torch.tensor([0.6, 0.6, 0.8, -0.1]), torch.tensor([1.4, 1.4, 1.2, 0.1])
+    assert (p["factors"] >= low).all() and (p["factors"] <= high).all()
+    assert p["sigma"].min() >= 0.1 and p["sigma"].max() <= 2.0
 
 
 def test_lead_zoom_shrinks_the_warped_copy_and_leaves_the_default_pairs_alone():
-    ones = [{"image": torch.ones(3, 64, 64)}] * 8  # the warped copy's non-zero area is its content's area
-    plain, zoomed = (bl.LeadPairs(ones, seed=3, warp=True, zoom=zoom) for zoom in (1.0, 2.0))
-    g = bl.sample_generator(3, 0, 5)
-    paper_pair = data.warp_images(ones[5]["image"][None], data.random_tps(1, "pair", generator=g))[0]
-    assert torch.equal(bl.LeadPairs(ones, seed=3, warp=True)[5]["warped"], paper_pair)  # no zoom by default
-    for i in range(8):
-        area, shrunk = plain[i]["warped"].mean().item(), zoomed[i]["warped"].mean().item()
-        assert area / 4 - 0.02 < shrunk <= area  # the same warp, then shrunk by a factor in [1, 2]
-    factors = [(plain[i]["warped"].mean() / zoomed[i]["warped"].mean()).sqrt().item() for i in range(8)]
-    assert max(factors) - min(factors) > 0.2  # drawn, not fixed
-    noise = [{"image": torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))}]
-    g = bl.sample_generator(3, 0, 0)
-    warp = data.random_tps(1, "pair", generator=g)
-    warp = warp.then(data.zoom_out(1, 1 + torch.rand(1, generator=g)))  # drawn after the TPS, factor in [1, 2]
-    once = data.warp_images(noise[0]["image"][None], warp)[0]  # TPS and zoom composed: resampled once
-    assert torch.allclose(bl.LeadPairs(noise, seed=3, warp=True, zoom=2.0)[0]["warped"], once, atol=1e-5)
+    ones = torch.ones(8, 3, 64, 64)  # the warped copy's non-zero area is its content's area
+    plain, zoomed = (bl.lead_pairs(ones, data.generator(3, 5), zoom) for zoom in (1.0, 2.0))
+    paper = data.warp_images(ones, data.random_tps(8, "pair", generator=data.generator(3, 5)))
+    assert torch.equal(plain, paper)  # no zoom by default: the paper's pairs
+    area, shrunk = plain.mean((1, 2, 3)), zoomed.mean((1, 2, 3))
+    assert (area / 4 - 0.02 < shrunk).all() and (shrunk <= area).all()  # the same warp, shrunk by [1, 2]
+    factors = (area / shrunk).sqrt()
+    assert factors.max() - factors.min() > 0.2  # drawn per sample, not fixed
+    noise = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    g = data.generator(3, 0)
+    warp = data.random_tps(2, "pair", generator=g)
+    warp = warp.then(data.zoom_out(2, 1 + torch.rand(2, generator=g)))  # drawn after the TPS, factor in [1, 2]
+    once = data.warp_images(noise, warp)  # TPS and zoom composed: resampled once
+    assert torch.allclose(bl.lead_pairs(noise, data.generator(3, 0), 2.0), once, atol=1e-5)
 
 
+def one_step(monkeypatch, tmp_path, host_syncs, *flags):
+    """Run main up to its first training step, take that step under the host-sync counter, stop."""
+    calls = []
+
+    def first_step(args, stage, run, loader, step_fn, state, epochs, device):
+        batch = data.to_device(next(iter(loader)), device)
+        step_fn(batch, data.generator(0, 0))  # compiles nothing, warms the allocator
+        with host_syncs as counter:
+            loss = step_fn(batch, data.generator(0, 1))
+        calls.extend(counter.calls)
+        assert loss.dim() == 0
+        return False
+    monkeypatch.setattr(bl, "train", first_step)
+    bl.main(["--runs-dir", str(tmp_path), *TINY, "--log-every", "100", *flags])
+    return calls
+
+
+def test_a_training_step_makes_no_host_sync(monkeypatch, tmp_path, host_syncs):
+    bl.main(["--runs-dir", str(tmp_path), *TINY, "--stage", "1", "--epochs", "0", "--name", "s2"])  # a network
+    assert one_step(monkeypatch, tmp_path, host_syncs, "--stage", "1") == []
+    for pairs in ("batch", "views"):
+        assert one_step(monkeypatch, tmp_path, host_syncs, "--stage", "2", "--name", "s2", "--resume",
+                        "--lead-pairs", pairs, "--lead-zoom", "1.5" if pairs == "views" else "1") == []
+
+
+@pytest.mark.parametrize("kind", ["hypercol", "compact", "nmf"])
+def test_an_export_runs_on_another_device_than_its_own(kind):
+    """Each kind of .pt2 the script writes, built and exported on 'meta', runs on the CPU (data.on_device)."""
+    resnet = bl.build_resnet("resnet18")
+    module = {"hypercol": lambda: bl.Hypercolumn(resnet, bl.HYPER, 32),
+              "compact": lambda: nn.Sequential(bl.Compact(resnet, 8), nn.Upsample(size=(32, 32), mode="bilinear")),
+              "nmf": lambda: nn.Sequential(bl.Hypercolumn(resnet, bl.HYPER, 32),
+                                           data.NMFCoefficients(torch.rand(4, 960), 3))}[kind]()
+    net = nn.Sequential(data.Normalize(data.FACE_MEAN, data.FACE_STD), module).eval().to("meta")
+    program = torch.export.export(net, (torch.rand(2, 3, 64, 64, device="meta"),))
+    out = data.on_device(program.module(), "cpu").to_empty(device="cpu")(torch.rand(2, 3, 64, 64))
+    assert out.shape[0] == 2 and out.shape[2:] == (32, 32) and out.device.type == "cpu"
+
+
+@pytest.mark.slow
 def test_stages_resume_export_and_evaluate(tmp_path):
     path = run(tmp_path, "--stop-after-steps", "1")  # interrupted in the middle of stage 1
     assert not os.path.exists(os.path.join(path, "hypercol.pt2"))
@@ -174,10 +262,12 @@ def test_stages_resume_export_and_evaluate(tmp_path):
     assert data.load_extractor(os.path.join(path, "compact.pt2"))(torch.rand(1, 3, 64, 64)).shape == (1, 8, 32, 32)
     assert data.load_extractor(os.path.join(path, "nmf.pt2"))(torch.rand(1, 3, 64, 64)).shape == (1, 4, 32, 32)
 
+    import evaluate_exports  # imports regress.py and match.py: only the end-to-end test needs them
     evaluate_exports.regression_error(path, tmp_path, "compact")
     evaluate_exports.matching(path, tmp_path, ["compact", "nmf"])
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(tmp_path):
     """Both stages, 2 epochs of 2 steps each, straight versus stopped after step 3 (mid-epoch) and resumed."""
     flags = ["--epochs", "2", "--lead-epochs", "2", "--deterministic", "--workers", "1", "--lead-pairs", "both"]
@@ -186,13 +276,14 @@ def test_resume_is_bit_exact(tmp_path):
         run(tmp_path / "b", *flags, "--stage", stage, "--stop-after-steps", "3")  # in the middle of epoch 2
         resumed = run(tmp_path / "b", *flags, "--stage", stage, "--resume")
     for stage, names in (("stage1", ("online", "predictor", "target")), ("stage2", ("decoder", "head"))):
-        a, b = [torch.load(os.path.join(p, f"checkpoint_{stage}.pt"), weights_only=False) for p in (straight, resumed)]
-        assert a["step"] == b["step"] == 4
+        a, b = [data.load_checkpoint(os.path.join(p, f"checkpoint_{stage}.pt")) for p in (straight, resumed)]
+        assert a["step"] == b["step"] == 4 and "rng" not in a and "rng" not in b  # no random states
         for name in names:
             for key, value in a["state"][name].items():
                 assert torch.equal(value, b["state"][name][key]), f"{stage} {name}.{key} differs after resume"
 
 
+@pytest.mark.slow
 def test_byol_and_lead_learn_on_the_synthetic_faces(tmp_path):
     """Stage 1: 12 BYOL steps lower the BYOL loss of 32 held-out view pairs far below that of the initial
     networks, without collapse (the target's normalised projections of different images stay as spread out).
@@ -203,20 +294,22 @@ def test_byol_and_lead_learn_on_the_synthetic_faces(tmp_path):
     path = run(tmp_path, *flags, "--stage", "1")
     run(tmp_path, *flags, "--stage", "2")  # 16 steps on the pairs of views
     dataset = data.make_dataset("synth-faces", "val", size=64, normalize=False, length=32)
-    pairs = torch.utils.data.default_collate([bl.ByolViews(dataset, 64, dataset.mean, dataset.std, seed=5)[i]
-                                              for i in range(32)])
+    images = torch.stack([bl.Images(dataset)[(0, i)]["image"] for i in range(32)])
+    normalize = data.Normalize(dataset.mean, dataset.std)
+    pairs = {view: normalize(bl.byol_views(images, bl.view_params(32, 64, data.generator(5, view), blur, solarize)))
+             for view, blur, solarize in ((1, 1.0, 0.0), (2, 0.1, 0.2))}
 
     def held_out(online, predictor, target):  # train mode: batch statistics, as in training
         with torch.no_grad():
-            z1, z2 = target.train()(pairs["view1"]), target(pairs["view2"])
-            loss = bl.byol_loss(*[predictor.train()(online.train()(pairs[v])) for v in ("view1", "view2")], z1, z2)
+            z1, z2 = target.train()(pairs[1]), target(pairs[2])
+            loss = bl.byol_loss(*[predictor.train()(online.train()(pairs[v])) for v in (1, 2)], z1, z2)
         return loss.item(), nn.functional.normalize(z1, dim=1).std(0).sum().item()  # loss, spread
 
     torch.manual_seed(0)  # main's initialisation: seed, online network, predictor; the target a copy
     untrained = [bl.Online("resnet18", 64, 16), bl.mlp(16, 64, 16)]
     untrained.append(copy.deepcopy(untrained[0]))
     trained = [copy.deepcopy(m) for m in untrained]
-    state = torch.load(os.path.join(path, "checkpoint_stage1.pt"), weights_only=False)["state"]
+    state = data.load_checkpoint(os.path.join(path, "checkpoint_stage1.pt"))["state"]
     for module, name in zip(trained, ("online", "predictor", "target")):
         module.load_state_dict(state[name])
     (loss_before, spread_before), (loss_after, spread_after) = held_out(*untrained), held_out(*trained)
@@ -225,10 +318,9 @@ def test_byol_and_lead_learn_on_the_synthetic_faces(tmp_path):
 
     torch.manual_seed(0)  # an untrained decoder and head on the trained encoder
     compact, head = bl.Compact(trained[0].encoder.eval(), 8).eval(), bl.LeadHead(8).eval()
-    state = torch.load(os.path.join(path, "checkpoint_stage2.pt"), weights_only=False)["state"]
-    normalize = data.Normalize(dataset.mean, dataset.std)
+    state = data.load_checkpoint(os.path.join(path, "checkpoint_stage2.pt"))["state"]
     images = torch.stack([dataset[i]["image"] for i in range(16)])
-    warped = torch.stack([bl.LeadPairs(dataset, seed=5, warp=True)[i]["warped"] for i in range(16)])
+    warped = bl.lead_pairs(images, data.generator(5), zoom=1.0)
 
     def held_out_loss():
         with torch.no_grad():
