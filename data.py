@@ -832,12 +832,12 @@ def _rows_of(names, index, path):
     return np.array([index[name] for name in names], dtype=np.int64)
 
 
-def _loadmat(path, fmt, keys):
+def _loadmat(path, fmt, keys, **options):
     import scipy.io  # lazily: only the .mat files of AFLW_R and 300W need scipy
     if not path.is_file():
         raise DatasetError(f"expected {fmt} at {path}, but there is no such file")
     try:
-        mat = scipy.io.loadmat(path)
+        mat = scipy.io.loadmat(path, **options)
     except (OSError, ValueError, TypeError, scipy.io.matlab.MatReadError) as error:
         raise _bad(path, fmt, f"it is not a readable .mat file ({error})") from None
     missing = [key for key in keys if key not in mat]
@@ -1121,24 +1121,16 @@ class W300(_LandmarkDataset):
 
 
 def _read_300w_boxes(path):
-    """[(image name, (xmin, ymin, xmax, ymax))] of a 'Bounding Boxes' .mat file. loadmat wraps every level of
-    the cell array of 1x1 structs in arrays (squeeze_me=True would drop them), so fields are unwrapped."""
-    def unwrap(value):  # peel 1x1 cells down to what they hold
-        while isinstance(value, np.ndarray) and value.dtype == object and value.size == 1:
-            value = value.ravel()[0]
-        return value
-
+    """[(image name, (xmin, ymin, xmax, ymax))] of a 'Bounding Boxes' .mat file (a cell array of structs)."""
+    cells = _loadmat(path, BOXES_FORMAT, ("bounding_boxes",), simplify_cells=True)["bounding_boxes"]
     entries = []
-    for cell in np.ravel(_loadmat(path, BOXES_FORMAT, ("bounding_boxes",))["bounding_boxes"]):
-        try:
-            struct = unwrap(cell)
-            name = str(np.ravel(unwrap(struct["imgName"]))[0])
-            box = np.asarray(unwrap(struct["bb_ground_truth"]), np.float64).ravel()
-        except (ValueError, IndexError, KeyError, TypeError) as error:
-            raise _bad(path, BOXES_FORMAT, f"entry {len(entries) + 1} cannot be read ({error})") from None
+    for cell in cells if isinstance(cells, list) else [cells]:  # one struct alone is not wrapped in a list
+        if not isinstance(cell, dict) or "imgName" not in cell or "bb_ground_truth" not in cell:
+            raise _bad(path, BOXES_FORMAT, f"entry {len(entries) + 1} is not such a struct")
+        box = np.asarray(cell["bb_ground_truth"], np.float64).ravel()
         if box.size != 4:
-            raise _bad(path, BOXES_FORMAT, f"the box of {name} has {box.size} numbers instead of 4")
-        entries.append((name, box))
+            raise _bad(path, BOXES_FORMAT, f"the box of {cell['imgName']} has {box.size} numbers instead of 4")
+        entries.append((str(cell["imgName"]), box))
     return entries
 
 

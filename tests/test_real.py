@@ -452,6 +452,9 @@ def test_300w_errors(tmp_path):
     scipy.io.savemat(root / "Bounding Boxes/bounding_boxes_ibug.mat", {"boxes": np.zeros(3)})
     with pytest.raises(DatasetError, match="has no variable 'bounding_boxes'"):
         W300(root, "test")
+    scipy.io.savemat(root / "Bounding Boxes/bounding_boxes_ibug.mat", {"bounding_boxes": np.zeros(3)})
+    with pytest.raises(DatasetError, match="ibug.mat to hold 'bounding_boxes', a cell array of structs.* entry 1"):
+        W300(root, "test")
     (root / "Bounding Boxes/bounding_boxes_ibug.mat").write_text("not a mat file")
     with pytest.raises(DatasetError, match="not a readable .mat file"):
         W300(root, "test")
