@@ -72,8 +72,8 @@ SCRIPT = "equiv_pretrain"
 # Settings
 # =========================================================================================================
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Pretrained equivariant features + landmark detector (Rahaman et "
-                                "al. 2021)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add, switch = p.add_argument, argparse.BooleanOptionalAction
     add("--stage", default="all", choices=["all", "1", "2"],
         help="1: pretrain F (Eq. 7); 2: the detector on frozen F, read from stage 1 of the same --name")
@@ -87,7 +87,7 @@ def get_args(argv=None):
     add("--epochs", type=int, default=1, help="epochs of stage 1 (paper 20); 0: untrained F and T are exported")
     add("--batch-size", type=int, default=16, help="images per step, every stage")
     add("--lr", type=float, default=3e-4, help="Adam learning rate, x0.9 per epoch, every stage (paper 3e-4)")
-    add("--workers", type=int, default=None, help="processes rendering images (default: 1 on a CPU, all cores on a GPU)")
+    add("--workers", type=int, default=None, help="processes rendering images (default: 1 on a CPU, all cores on GPU)")
     add("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help=data.AMP_HELP)
     add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, then cpu")
     add("--seed", type=int, default=0, help="seeds the initialisation, the data order and the augmentations")
@@ -136,9 +136,8 @@ def conv_block(c_in, c_out):
 
 
 class Hourglass(nn.Module):
-    """F of Sec. 4.1: four conv blocks each followed by a 2x2 max-pool (resolution / 16 at the bottom), a
-    bottleneck block, a symmetric decoder (bilinear x2, concatenation with the skip of the same resolution, a
-    conv block) and a 1x1 conv to `dim` channels. Normalised (B, 3, H, W) -> (B, dim, H, W)."""
+    """F of Sec. 4.1: four conv blocks each followed by a 2x2 max-pool, a bottleneck block, a symmetric decoder
+    (bilinear x2, concatenation with the skip, a conv block), a 1x1 conv: normalised (B, 3, H, W) -> (B, dim, H, W)."""
 
     def __init__(self, widths=(32, 64, 128, 128), dim=64):
         super().__init__()
@@ -215,7 +214,8 @@ def equivariant_contrastive_loss_blocked(f, f_prime, tau, keep, rows=1024):
 
     def block(z, start):  # the summed cross-entropy of anchors start .. start + rows
         logits = z[start:start + rows] @ z.T / tau  # rows x 2N
-        itself = torch.arange(2 * n, device=z.device) == torch.arange(start, start + len(logits), device=z.device)[:, None]
+        anchors = torch.arange(start, start + len(logits), device=z.device)[:, None]  # rows x 1
+        itself = torch.arange(2 * n, device=z.device) == anchors  # rows x 2N
         return F.cross_entropy(logits.masked_fill(itself | ~kept, float("-inf")), positives[start:start + rows],
                                reduction="sum")
 
@@ -249,8 +249,7 @@ def variance_loss(heatmaps):
 # Views: the workers render uint8 images; the warps g and the appearance change r are drawn on the device
 # =========================================================================================================
 class Images(torch.utils.data.Dataset):
-    """Training image `index` as uint8 (3, H, W) for a key (epoch, index) of data.make_loader's sampler; nothing
-    random happens here."""
+    """Training image `index` as uint8 (3, H, W) for a key (epoch, index) of data.make_loader's sampler."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -263,9 +262,8 @@ class Images(torch.utils.data.Dataset):
 
 
 def random_warp(n, args, g, device, zoom_and_shift):
-    """g as a data.Warp: a rotation about the centre, with a zoom ("crop and zoom") and a shift for Eq. 7
-    (stage 1) or without them for Eq. 2 (stage 2: the warps of match.py's Acc(d)), then an elastic warp; the
-    parameters are drawn from the CPU generator g and moved to `device`."""
+    """g as a data.Warp drawn from the CPU generator g: a rotation, a zoom ("crop and zoom") and a shift for Eq. 7
+    (stage 1; stage 2 and match.py's Acc(d) have neither), then an elastic warp."""
     zoom = (1 / args.equiv_zoom, args.equiv_zoom) if zoom_and_shift else (1.0, 1.0)
     shift = args.equiv_translation if zoom_and_shift else 0.0
     return data.random_affine(n, args.equiv_rotation, zoom, shift, generator=g, device=device).then(
