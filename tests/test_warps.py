@@ -47,8 +47,8 @@ def centroids(images):
 def check_dots(images, points_in, points_out, warp, tol_px):
     """``images``: the dots drawn at points_in, after the warp; each must sit within tol_px of points_out.
     Returns how many were checked. Skipped: dots cut by the frame, and dots on a fold of the map (det J < 0.3,
-    or NaN), where a blob is squashed or mirrored and its centroid is no longer the mapped centre (see "Folds"
-    in the warps' module docstring)."""
+    or NaN), where a blob is squashed or mirrored and its centroid is no longer the mapped centre (see
+    "Folds" in docs/protocol.md)."""
     ok = in_frame(points_in, SIZE, margin=8) & in_frame(points_out, SIZE, margin=8)
     det = torch.linalg.det(autograd_jacobian(warp, to_normalised(points_out, SIZE)))
     ok &= det > 0.3
@@ -157,7 +157,7 @@ def test_forward_and_backward_are_inverse(name, dtype):
     tol = 2 * 1e-4 / (SIZE - 1) if dtype == torch.float32 else 1e-10  # 1e-4 px, resp. ~5e-9 px
     x = torch.rand(8, 50, 2, generator=g, dtype=dtype) * 2.4 - 1.2  # also outside the frame
     u = warp.forward(x)
-    found = ~u.isnan().any(-1)  # NaN: no output location shows x (only a TPS can do that; see the docstring)
+    found = ~u.isnan().any(-1)  # NaN: no output location shows x (only a folded TPS does that)
     assert found.float().mean() >= (0.6 if "tps" in name or name == "composed" else 1.0)
     torch.testing.assert_close(warp.backward(u)[found], x[found], atol=tol, rtol=0)
     # forward(backward(u)) recovers u where the map is one-to-one (it is everywhere for affine and elastic).
