@@ -27,7 +27,6 @@ import argparse
 import csv
 import functools
 import hashlib
-import itertools
 import json
 import math
 import os
