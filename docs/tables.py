@@ -261,7 +261,7 @@ def main(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("table", choices=list(TABLES), help="which README table to make")
     parser.add_argument("--quick", action=argparse.BooleanOptionalAction, default=False,
-                        help="tiny runs that check the plumbing in a minute or two (numbers mean nothing)")
+                        help="tiny runs that check the plumbing in minutes (their numbers mean nothing)")
     parser.add_argument("--dry-run", action=argparse.BooleanOptionalAction, default=False,
                         help="print the commands without running them")
     parser.add_argument("--runs-dir", default=None, help="where the runs go, relative to the repository "
@@ -271,8 +271,8 @@ def main(argv=None):
     make_steps, make_table = TABLES[args.table]
     steps = Steps(runs)
     make_steps(steps)
-    for argv_, done in steps.list:
-        run_step(argv_, done, runs, args.quick, args.dry_run)
+    for step_argv, done in steps.list:
+        run_step(step_argv, done, runs, args.quick, args.dry_run)
     if not args.dry_run:
         table = markdown(*make_table(Results(os.path.join(ROOT, runs))))
         print(f"\n{table}")
