@@ -57,30 +57,15 @@ class DatasetError(ValueError):
 
 
 # =========================================================================================================
-# 2. Built-in synthetic landmark data
-#
-# Faces (standing in for MAFL and 300-W) and perched birds (for CUB), drawn from numbers alone, so that every
-# script runs, and is tested, with no download; a sample depends only on (seed, split, index), at any size S.
-# 1. params(index): identity numbers (face shape, feature sizes, colours, hair; the bird's shape and plumage)
-#    come from (seed, identity) alone, so the poses_per_identity consecutive indices of an identity, and the
-#    three face variants, show the same people; pose numbers (expression, gaze, head pose; the bird's view,
-#    wings, legs) and a scene seed come from (seed, variant, split, index). Splits have disjoint identities.
-# 2. render(params): labelled polygons in painter's order in the object's own coordinates, each landmark
-#    named where its part is made; then one transform for all (faces: a bulging head turned by yaw, rolled,
-#    scaled, moved; birds: a 3D model seen by an orthographic camera), so the landmarks are exact. PIL fills
-#    the polygons into a label map (with_labels=True returns it); the image is coloured from it (a colour per
-#    label, noise textures, light) and the mask is its foreground labels.
-# Faces: left/right as in CelebA (the "left eye" is on the image's left). "mafl": 5 points, an eye being its
-# iris centre (where CelebA's annotators clicked: it follows the gaze); "dense": 33 points, the inter-ocular
-# distance between the outer eye corners (as in 300-W); visible iff in the image. Variants: "aligned"
-# (centred, upright, plain background, like aligned CelebA), "wild" (scale, roll up to 30 degrees, shifts,
-# more yaw, cluttered textured scenes, glasses, occluders), "clutter" (the aligned faces in wild scenes).
-# Birds: the 15 CUB parts in CUB order, left/right the bird's own; visible iff in the image, its part is the
-# one drawn on top at its pixel and, on the head or body, its surface faces the viewer (up to 25 degrees past
-# the silhouette: CUB's parts are patches).
-# Pixels: u in [-1, 1] is pixel (u + 1)(S - 1)/2 (centres at integers), so keypoints scale with S - 1. PIL
-# fills pixel i as if it covered [i, i + 1): polygons are shifted by +0.5, so a disc's centroid is its centre.
-# Look at it: `python data.py preview --dataset synth-birds --out birds.png`.
+# 2. Built-in synthetic landmark data: faces (standing in for MAFL and 300-W) and perched birds (for CUB),
+# drawn from numbers alone, so that every script runs, and is tested, with no download. A sample depends only
+# on (seed, split, index), at any size S; docs/protocol.md says what its landmarks and visibility mean.
+# Step one, params(index): identity numbers (shapes, colours, hair, plumage) come from (seed, identity) alone,
+# so the poses_per_identity consecutive indices of an identity, and the face variants, show the same people;
+# pose numbers and a scene seed come from (seed, variant, split, index). Splits have disjoint identities.
+# Step two, render(params): labelled polygons in painter's order in the object's own coordinates, each landmark
+# named where its part is made, then one transform for all, so the landmarks are exact. PIL fills the polygons
+# into a label map; the image is coloured from it (noise textures, light) and the mask is its foreground.
 # =========================================================================================================
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 DEFAULT_LENGTHS = {"train": 10000, "val": 1000, "test": 1000}
@@ -263,7 +248,7 @@ class _Synthetic(Dataset):
         draw = ImageDraw.Draw(canvas)
         for label, pixels in polygons:
             if len(pixels) >= 3:  # (a cut patch can be empty)
-                draw.polygon((pixels + 0.5).ravel().tolist(), fill=label)  # +0.5: see the section comment
+                draw.polygon((pixels + 0.5).ravel().tolist(), fill=label)  # +0.5: docs/protocol.md, section 8
         return np.asarray(canvas).astype(np.intp)
 
     def _sample(self, rng, labels, colours, grain, streaks, light, foreground, keypoints, visible, with_labels):
@@ -313,7 +298,7 @@ FACE_HEAD["clutter"] = FACE_HEAD["aligned"]  # aligned geometry (and numbers) in
 
 
 class SyntheticFaces(_Synthetic):
-    """Procedural faces with MAFL-style (5) or dense (33, 300-W-like) landmarks; see the section comment."""
+    """Procedural faces with MAFL-style (5) or dense (33, 300-W-like) landmarks."""
 
     def __init__(self, split="train", variant="aligned", annotation="mafl", size=96, length=None, seed=0,
                  normalize=True):
@@ -683,21 +668,18 @@ def contact_sheet(dataset, path, n=16, indices=None, columns=None, show_mask=Fal
 
 
 # =========================================================================================================
-# 3. Real datasets in the layouts their users have on disk
+# 3. Real datasets in the layouts their users have on disk (docs/protocol.md shows every layout and crop)
 #
-# A loader reads its annotation files once, into per-sample arrays: image paths, keypoints in source pixels
-# (0-based, pixel centres at integers), visibility, identity, and the source window of a protocol crop. An item
-# is one image resampled ONCE through out = scale * src + offset, the map its preprocessing reduces to
-# (`_window_map`); keypoints go through the same formula, so image and labels agree exactly, and outside the
-# source is black. A split that a dataset lacks is held out of its training list by a fixed-seed shuffle, train
-# keeping the rest in file order. `visible` is the annotation's flag, also for points that leave the crop (the
-# protocol scores them). A user's mistake (missing folder or file, malformed row, unreadable image) raises
-# DatasetError: one sentence naming the path and what it should hold. docs/protocol.md shows every layout.
+# A loader reads its annotation files once, into per-sample arrays (image paths, keypoints in 0-based source
+# pixels, visibility, identity, the source window of a protocol crop). An item is one image resampled ONCE
+# through out = scale * src + offset, the map its preprocessing reduces to; keypoints go through the same
+# formula, so image and labels agree exactly. A split that a dataset lacks is held out of its training list by
+# a fixed-seed shuffle. `visible` is the annotation's flag, also for points that leave the crop (the protocol
+# scores them). A user's mistake raises DatasetError: one sentence naming the path and what it should hold.
 # =========================================================================================================
 HOLDOUT_SEED = 0  # seed of every held-out validation (and cat test) subset: fixed, so runs agree
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-# The built-in data's MAFL_NAMES and CUB_NAMES name the real datasets' landmarks too. "Left" and "right" are as
-# seen in the image for faces (CelebA's left eye has the smaller x), also for 300W's 68 points.
+# MAFL_NAMES and CUB_NAMES name the real datasets' landmarks too; a face's "left" is the image's left.
 W300_LANDMARKS = tuple(f"{part} {i + 1}" for part, count in (
     ("jaw", 17), ("left brow", 5), ("right brow", 5), ("nose bridge", 4), ("nose base", 5),
     ("left eye", 6), ("right eye", 6), ("outer lip", 12), ("inner lip", 8)) for i in range(count))
@@ -942,15 +924,10 @@ class _LandmarkDataset(Dataset):
 class CelebA(_LandmarkDataset):
     """CelebA (Liu et al. 2015), the face papers' self-supervised training set; 5 landmarks in MAFL order.
 
-    root holds Img/, Anno/, Eval/, MAFL/. Eval/list_eval_partition.txt ('<image> 0|1|2') gives train, val, test,
-    each without the images of both MAFL lists (pretraining never sees an evaluation face). Landmark lists: a
-    row count, a header, then '<image> x1 y1 ... x5 y5', used as they are (0-based, as the reference does).
-    Identities from Anno/identity_CelebA.txt ('<image> <identity>') if it is there, else -1.
-    - aligned: the 178x218 images of Img/img_align_celeba/ (or _hq/), Anno/list_landmarks_align_celeba.txt;
-      the 178x178 square from row 30 down -> 136 -> cut 20: keypoints (x, y - 30) * 136 / 178 - 20.
-    - wild=True: Img/img_celeba/, Anno/list_landmarks_celeba.txt, and the boxes of Anno/list_bbox_celeba.txt
-      ('<image> x y width height'); our crop (the reference has none): a square of 1.25 x the box's longer
-      side centred on it -> 136 -> cut 20, faces at about the aligned scale.
+    Files and crops: docs/protocol.md. train, val, test follow Eval/list_eval_partition.txt, each without the images
+    of both MAFL lists (pretraining never sees an evaluation face); landmarks are used as listed (0-based, as the
+    reference does); identities come from Anno/identity_CelebA.txt if it is there, else -1. wild=True reads the
+    in-the-wild images with our crop (the reference has none), which puts faces at about the aligned scale.
     """
 
     name = "celeba"
@@ -1000,11 +977,9 @@ def _mafl_names(root, list_name):
 
 
 class MAFL(CelebA):
-    """MAFL (Zhang et al. 2014): 19,000 training and 1,000 test faces of aligned CelebA, 5 landmarks. root is the
-    CelebA folder; MAFL/training.txt and MAFL/testing.txt name the images (column 0). test = testing.txt in file
-    order (CelebA's, which the matching benchmark pairs up); val = `val_size` held out of training.txt, so that
-    epochs are chosen without the test set; train = the rest. Landmarks and crop: aligned CelebA's.
-    """
+    """MAFL (Zhang et al. 2014): aligned CelebA's 19,000 training and 1,000 test faces, read from the CelebA folder.
+    test = MAFL/testing.txt in file order (CelebA's, which the matching benchmark pairs up); val = `val_size` held
+    out of training.txt, so that epochs are chosen without the test set; train = the rest."""
 
     name = "mafl"
 
@@ -1018,14 +993,8 @@ class MAFL(CelebA):
 
 
 class AFLW_M(_LandmarkDataset):
-    """AFLW in its MTFL version (5 landmarks), all 150x150 images with 1-based points: (p - 1) * 136 / 150 - 20.
-
-    - train, val: aflw_cropped/facedata_cropped.csv, a header naming image_file, set, crop_file, then x1, y1, ...,
-      x5, y5 (columns are found by name: the file may begin with an unnamed index column); the 10,122 rows of
-      set 1, images aflw_cropped/cropped/<crop_file>; val = `val_size` rows held out.
-    - test: MTFL/testing.txt, '<path> x1 ... x5 y1 ... y5' (2,995 rows; MTFL's 4 attribute columns after them
-      are ignored, Windows backslashes accepted), images under MTFL/.
-    """
+    """AFLW in its MTFL version (5 landmarks; docs/protocol.md): train and val (`val_size` held out) from the
+    set-1 rows of aflw_cropped/facedata_cropped.csv, test from MTFL/testing.txt; 150x150 images, 1-based points."""
 
     name = "aflw_m"
 
@@ -1057,11 +1026,8 @@ class AFLW_M(_LandmarkDataset):
 
 
 class AFLW_R(_LandmarkDataset):
-    """AFLW as recropped by Thewlis et al. (5 landmarks; 10,122 train, 2,991 test). root holds
-    aflw_{train,test}_images.txt (names under output/) and aflw_{train,test}_keypoints.mat: `gt` (N, 5, 2) as
-    (y, x) and `hw` (N, 2) each image's (height, width). val = `val_size` held out of train (the reference held
-    out its last 10%). Each image -> 136x136 whatever its aspect -> cut 20: p * 136 / (w, h) - 20.
-    """
+    """AFLW as recropped by Thewlis et al. (5 landmarks; docs/protocol.md): aflw_{train,test}_images.txt and
+    aflw_{train,test}_keypoints.mat; val = `val_size` held out of train (the reference held out its last 10%)."""
 
     name = "aflw_r"
 
@@ -1083,16 +1049,8 @@ class AFLW_R(_LandmarkDataset):
 
 
 class W300(_LandmarkDataset):
-    """300W (Sagonas et al. 2013), 68 landmarks, Ren et al.'s split.
-
-    root holds 'Bounding Boxes/bounding_boxes_<subset>.mat' (structs: imgName, bb_ground_truth = xmin, ymin,
-    xmax, ymax) and the images with a .pts file each in afw/, helen/{trainset,testset}/, lfpw/{trainset,
-    testset}/, ibug/. train = afw + helen and lfpw train (3,148); test = helen and lfpw test + the ibug entries
-    named "image*" (689: there is no image for the others); val = `val_size` held out of train. Boxes and points
-    are 1-based, the box width xmax - xmin + 1. Crop: scale so that the box is 52 px wide, the 100x100 window
-    centred on the box moved 2 px up (black outside) -> 136 -> cut 20. Deviation: the reference floors the
-    scaled box centre, 1 px off the true one; we centre exactly (1 px of framing, image and labels alike).
-    """
+    """300W (Sagonas et al. 2013), 68 landmarks, Ren et al.'s split (docs/protocol.md: files, crop, and our one
+    deviation, the exactly centred window); val = `val_size` held out of train."""
 
     name = "300w"
     landmark_names = W300_LANDMARKS
@@ -1148,14 +1106,9 @@ def _read_pts(path):
 # Birds, cats, and your own data
 # ---------------------------------------------------------------------------------------------------------
 class CUB(_LandmarkDataset):
-    """CUB-200-2011 (Wah et al. 2011): 15 parts with visibility, scored by PCK; ImageNet statistics.
-
-    root: images.txt ('<image id> <path under images/>'), parts/part_locs.txt ('<image id> <part 1-15> x y
-    <visible 0|1>'; a hidden part's 0 0 means nothing), parts/parts.txt (part names, optional), images/. The
-    split: `split_file`, paths under images/ in its order (e.g. ContrastLandmark's 1,241 / 382 / 383 Passeroidea
-    images; `split` then only names it), else train_test_split.txt ('<image id> 1|0', 1 = train) with
-    `val_size` held out of train. The whole image -> 96x96, aspect not kept, edges on edges.
-    """
+    """CUB-200-2011 (Wah et al. 2011): 15 parts with visibility, scored by PCK (docs/protocol.md). The split:
+    `split_file`, paths under images/ in its order (e.g. ContrastLandmark's Passeroidea lists; `split` then only
+    names it), else train_test_split.txt with `val_size` held out of train. A hidden part's "0 0" means nothing."""
 
     name = "cub"
     mean, std = IMAGENET_MEAN, IMAGENET_STD
@@ -1202,11 +1155,8 @@ class CUB(_LandmarkDataset):
 
 
 class CatHeads(_LandmarkDataset):
-    """Cat heads (Zhang et al. 2008): X.jpg.cat beside each X.jpg under root holds '9 x1 y1 ... x9 y9' (eyes,
-    mouth, left ear 1-3, right ear 1-3; point 2 of an ear is its tip). As Rahaman et al., the ear tips are
-    dropped: 7 landmarks. Our split: `test_size` and `val_size` held out, the rest train. Our crop: a square of
-    1.5 x the longer side of the 9 points' box (ears included), centred on it, black outside, -> 96x96.
-    """
+    """Cat heads (Zhang et al. 2008), 7 landmarks (the ear tips dropped, as Rahaman et al.). Our split: `test_size`
+    and `val_size` held out, the rest train; our crop: docs/protocol.md."""
 
     name = "cat_heads"
     landmark_names, eye_indices, metric = CAT_LANDMARKS, None, None
@@ -1233,12 +1183,10 @@ class CatHeads(_LandmarkDataset):
 
 
 class CSVKeypoints(_LandmarkDataset):
-    """Any images with points in a CSV (e.g. BBC Pose, or your own): root is a folder of train.csv, val.csv and
-    test.csv, or one .csv for every split. A row: the image path (relative to the CSV), then x, y (or with
-    `with_visible`: x, y, visible 0|1) per landmark in 0-based pixels (subtract 1 from 1-based data). An optional
-    header (second field not a number) names the landmarks by their x columns ("head_x" -> "head"). The whole
-    image -> `size` (int or (H, W)), aspect not kept, edges on edges.
-    """
+    """Images with points in CSV rows (e.g. BBC Pose, or your own): `root` is a folder of train.csv, val.csv and
+    test.csv, or one .csv for every split. A row: the image path (relative to the CSV), then x, y (with
+    `with_visible`: x, y, visible) per landmark in 0-based pixels. An optional header (second field not a number)
+    names the landmarks by their x columns ("head_x" -> "head"). The whole image -> `size`, edges on edges."""
 
     name = "csv"
 
@@ -1276,10 +1224,8 @@ class CSVKeypoints(_LandmarkDataset):
 
 
 class ImageFolderUnlabelled(_LandmarkDataset):
-    """Unlabelled images (K = 0), e.g. iNaturalist Aves: a folder, searched recursively, or a text file with one
-    path per row. No test split; val = `val_size` held out (0: all is train). Each image is resized so that its
-    shorter side fits `size` (int or (H, W)) and centre-cropped.
-    """
+    """Unlabelled images (K = 0), e.g. iNaturalist Aves: a folder, searched recursively, or a text file of paths.
+    No test split; val = `val_size` held out. Each image is centre-cropped to the aspect of `size` and resized."""
 
     name = "image_folder"
     mean, std, landmark_names, eye_indices, metric = IMAGENET_MEAN, IMAGENET_STD, (), None, None
