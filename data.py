@@ -1254,16 +1254,11 @@ class ImageFolderUnlabelled(_LandmarkDataset):
 # =========================================================================================================
 # 4. Warps that move images and points together
 #
-# Thin-plate spline (TPS), affine and elastic warps and their compositions, one warp per sample of a batch, in
-# normalised (x, y) coordinates: -1 and +1 are the centres of the first and last pixel, as grid_sample reads them
-# with align_corners=True (`to_normalised`, `to_pixels`). A warp turns an input image into an output image:
-#   backward(u)  output -> input, the sampling map: output pixel u shows the input at backward(u);
-#   grid(H, W)   backward at every output pixel (N, H, W, 2), what grid_sample needs: the dense correspondence;
-#   forward(x)   input -> output, where a landmark lands: in closed form (affine) or by Newton's method on
-#                backward to a residual of 1e-6 normalised (~5e-5 px at 96 px). Points are never clamped.
-# `a.then(b)` is "first a, then b". Random parameters are drawn in float32 on the generator's device (the CPU by
-# default), so a seed gives the same warps on every device and dtype. Nothing here reads a tensor's value on the
-# host, so a GPU never waits (tests/test_warps.py counts). docs/protocol.md describes DVE's TPS and its folds.
+# Thin-plate spline (TPS), affine and elastic warps, one per sample of a batch, in the normalised coordinates of
+# docs/protocol.md (section 1). backward(u), output -> input, is the sampling map; grid(H, W) is backward at every
+# output pixel, what grid_sample needs; forward(x), input -> output, is where a landmark lands (never clamped).
+# `a.then(b)` is "first a, then b". Random parameters are drawn in float32 on the generator's device, so a seed
+# gives the same warps on every device and dtype; nothing reads a tensor's value on the host, so a GPU never waits.
 # =========================================================================================================
 def _hw(size):
     """(H, W) from an int or a pair; at least 2 pixels per side (normalising divides by W - 1)."""
@@ -1274,7 +1269,7 @@ def _hw(size):
 
 
 def to_normalised(points_px, size):
-    """Pixel (x, y), centres at integers -> [-1, 1] grid_sample(align_corners=True) coordinates."""
+    """Pixel (x, y), centres at integers -> normalised [-1, 1] coordinates."""
     H, W = _hw(size)
     x, y = points_px.unbind(-1)
     return torch.stack((x * (2.0 / (W - 1)), y * (2.0 / (H - 1))), dim=-1) - 1.0
@@ -1317,8 +1312,8 @@ def _on(tensor, device, dtype):
 
 
 class Warp:
-    """A batch of ``n`` warps with parameters on ``device`` in ``dtype``. Subclasses define ``backward`` and its
-    Jacobian ``jacobian(uv)`` (N, P, 2, 2), J[..., i, j] = d backward_i / d u_j, which ``forward`` inverts."""
+    """A batch of ``n`` warps. Subclasses define ``backward`` and its Jacobian ``jacobian(uv)`` (N, P, 2, 2),
+    J[..., i, j] = d backward_i / d u_j, with which ``forward`` inverts ``backward`` by Newton's method."""
 
     newton_steps = 20  # enough for a double root at the edge of a fold, where each step only halves the error
 
@@ -1364,11 +1359,10 @@ class Warp:
 
     def _newton(self, xy, u):
         """Damped Newton's method for backward(u) = xy: u <- u - t J(u)^-1 (backward(u) - xy), t the first of
-        1, 1/2, 1/4, 1/8 that lowers the residual (the four are tried at once). A point stops at a residual of
-        1e-6 (float32) or 1e-12 (float64), typically after 2-4 steps; all ``newton_steps`` run anyway, as masked
-        updates, so that nothing is read on the host. Near a root every step at least halves the residual (even
-        at a double root, on a fold's edge); a point that gains less than 25% three times while far from any
-        root circles a fold with no solution and stops. Residuals left above 1e-4 come back as NaN."""
+        1, 1/2, 1/4, 1/8 that lowers the residual. A point stops at a residual of 1e-6 (float32) or 1e-12
+        (float64), or after gaining less than 25% three times far from any root (it circles a fold with no
+        solution); all ``newton_steps`` run as masked updates, so nothing is read on the host. NaN where the
+        residual stays above 1e-4."""
         tol = 1e-12 if xy.dtype == torch.float64 else 1e-6
         t = 0.5 ** torch.arange(4, device=u.device, dtype=u.dtype)  # (4,) step lengths
         r = self.backward(u) - xy  # residual: (N, P, 2)
@@ -1425,9 +1419,8 @@ def _tps_lattice_features(H, W, extent, device, dtype):
 
 
 class TPSWarp(Warp):
-    """backward(u) = [U(|u - c_1|^2) ... U(|u - c_100|^2) | 1 | x | y] @ weights, U(D) = D log(D + 1e-5), c_k
-    the 10x10 control grid. ``weights`` (N, 103, 2): rows 0-99 non-rigid, row 100 the shift (tx, ty), rows
-    101-102 the linear part (zeros, then rows (1, 0) and (0, 1) give the identity)."""
+    """DVE's TPS (docs/protocol.md, section 5): backward(u) = [U(|u - c_1|^2) ... U(|u - c_100|^2) | 1 | x | y]
+    @ weights; ``weights`` (N, 103, 2): 100 non-rigid rows, the shift, the linear part."""
 
     def __init__(self, weights):
         if weights.dim() != 3 or weights.shape[1:] != (103, 2):
@@ -1462,11 +1455,9 @@ class TPSWarp(Warp):
 
 def random_tps(n, preset="pair", generator=None, device="cpu", dtype=torch.float32, nonrigid_scale=1.0,
                affine_scale=1.0):
-    """N random TPS warps (DVE's): non-rigid weights ~ N(0, sd_all), each replaced with probability 1/2 by a
-    draw from N(0, sd_subset); rotation r ~ N(0, rot_sd) degrees, scale s = 1 + N(0, scale_sd), shift
-    ~ N(0, trans_sd); affine rows (tx, ty), (s cos r, -s sin r), (s sin r, s cos r). The sds of
-    ``TPS_PRESETS[preset]``, the non-rigid ones times ``nonrigid_scale`` and the affine ones times
-    ``affine_scale`` (DVE's im1_multiplier and im1_multiplier_aff). Returns a ``TPSWarp``."""
+    """N random TPS warps as DVE draws them (docs/protocol.md, section 5), with the sds of ``TPS_PRESETS[preset]``,
+    the non-rigid ones times ``nonrigid_scale`` and the affine ones times ``affine_scale`` (DVE's im1_multiplier
+    and im1_multiplier_aff)."""
     if preset not in TPS_PRESETS:
         raise ValueError(f"TPS preset must be one of {sorted(TPS_PRESETS)}, got {preset!r}.")
     p = TPS_PRESETS[preset]
@@ -1493,10 +1484,9 @@ class TPSPair(NamedTuple):
 
 
 def tps_training_pair(images, points=None, generator=None, preset="pair"):
-    """Two TPS views of each image, as DVE makes them. "pair": image 1 from a draw with the non-rigid sds
-    halved, image 2 = image 1 warped again by a full draw; "match" (the matching benchmark): both draws from the
-    "match" sds. Image 2 is resampled from image 1, so what left image 1 stays empty in image 2. ``points``:
-    optional (N, K, 2) pixel points of ``images``. Returns a ``TPSPair``."""
+    """Two TPS views of each image as DVE makes them (docs/protocol.md, section 5; "match": both draws unscaled).
+    Image 2 is resampled from image 1, so what left image 1 stays empty in image 2. ``points``: optional
+    (N, K, 2) pixel points of ``images``."""
     if preset not in ("pair", "match"):
         raise ValueError(f"tps_training_pair preset must be 'pair' or 'match', got {preset!r}.")
     n, _, H, W = images.shape
@@ -1753,21 +1743,13 @@ def make_dataset(name, split="train", root=None, size=96, normalize=True, **kwar
 # =========================================================================================================
 # 6. The exported feature-extractor contract
 #
-# A method hands its frozen dense features to regress.py / match.py as ONE file made with torch.export
-# (no pickled Python classes, so the evaluation never imports a method file). The extractor takes RGB
-# images in [0, 1], (B, 3, H, W) at meta["input_size"], normalises them itself and returns (B, C, h, w).
-# The batch dimension is dynamic. meta (stored beside the graph as meta.json) says what the output is:
-#   input_size      [H, W]
-#   kind            "features" (dense descriptors) or "heatmaps" (each channel a spatial probability map
-#                   summing to 1, e.g. discovered landmarks, evaluated by `regress.py --head ridge`)
-#   channels        C
-#   channel_groups  [[name, start, stop], ...]: e.g. the hypercolumn's layers; one group when unstructured
-#   mean, std       the normalisation baked inside (for information)
-#   method, variant free text naming what produced it (e.g. "moco_hypercol", "hypercol")
-# Geometry of the output map: the evaluation places cell (0, 0) on the centre of pixel (0, 0) and cell
-# (h-1, w-1) on the centre of pixel (H-1, W-1) (the align_corners=True convention of every grid here), as a
-# map resized with F.interpolate(..., align_corners=True) is; a plain strided CNN map is off by up to half a
-# stride from this, which the evaluation's linear heads absorb but matching does not.
+# A method hands its frozen dense features to regress.py / match.py as ONE torch.export file (no pickled Python
+# classes, so the evaluation never imports a method file). It takes RGB images in [0, 1], (B, 3, H, W) with a
+# dynamic batch, normalises them itself and returns (B, C, h, w). Its meta.json says: input_size [H, W]; kind,
+# "features" or "heatmaps" (each channel a spatial distribution, e.g. discovered landmarks); channels C;
+# channel_groups [[name, start, stop], ...] (e.g. a hypercolumn's layers); mean and std (baked inside); method
+# and variant (free text). The evaluation puts cell (0, 0) on pixel (0, 0)'s centre and cell (h-1, w-1) on
+# pixel (H-1, W-1)'s (align_corners=True); a plain strided CNN map is off by up to half a stride from this.
 # =========================================================================================================
 _REQUIRED_META = ("input_size", "kind", "channels", "channel_groups", "method", "variant")
 
