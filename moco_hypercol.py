@@ -1,13 +1,12 @@
 """MoCo hypercolumns for object landmarks: Cheng, Su, Maji, "On Equivariant and Invariant Learning of Object
 Landmark Representations", ICCV 2021, arXiv 2006.14787 (official code: ContrastLandmark).
 
-Three stages; `--stage all` (the default) runs them in order, writing to runs/moco_hypercol/<name>/:
-  pretrain  instance-contrastive MoCo of a torchvision ResNet (features invariant across views); exports the
-            hypercolumn (hypercol.pt2), each of its layers alone (layer1.pt2 .. layer4.pt2) and its PCA picture
-            (pca.png, supplement Fig. 1). `--epochs 0` exports the random-initialised network, Tab. 5's baseline;
-  project   the spatial-contrastive projector on the frozen hypercolumn (features distinct across locations,
-            hence equivariant), exported as proj.pt2;
-  nmf       the NMF baseline of Tab. 4 (data.nmf) on the hypercolumn: nmf.pt2 and its part maps (nmf_parts.png).
+Three stages (`--stage all` runs them in order), writing to runs/moco_hypercol/<name>/:
+  pretrain  instance-contrastive MoCo of a torchvision ResNet; exports the hypercolumn (hypercol.pt2), each of
+            its layers alone (layer1.pt2 ..) and its PCA picture (pca.png, supplement Fig. 1); `--epochs 0`
+            exports the random-initialised network, Tab. 5's baseline;
+  project   the spatial-contrastive projector on the frozen hypercolumn (proj.pt2);
+  nmf       the NMF baseline of Tab. 4 (data.nmf) on the hypercolumn (nmf.pt2) and its parts (nmf_parts.png).
 Evaluate any exported .pt2 with regress.py (landmark regression) and match.py (matching).
 
 Paper -> code:  Eq. 5, InfoNCE with a queue of negatives    -> info_nce, KeyQueue, moco_step
@@ -25,22 +24,21 @@ initialisation] | projector: Adam 1e-3, weight decay 5e-4, --proj-epochs 10 [1],
 Deviations, each deliberate:
 - Shuffle BN on one device. MoCo computes keys with batch norm over per-GPU sub-batches of a *shuffled* batch,
   so that a query and its key never share batch statistics (a leak the network learns to exploit). Here both
-  encoders run --moco-bn-splits sub-batches one after another (encode_in_splits), the keys shuffled first: what
-  that many GPUs would compute. --moco-bn-splits 1 is plain batch norm, with the leak.
+  encoders run --moco-bn-splits sub-batches one after another, the keys shuffled first: what that many GPUs
+  would compute.
 - The ResNet keeps its stem stride, as the official code: at 96 px layer1..layer4 are 24, 12, 6 and 3 cells
-  wide; the hypercolumn resizes them to 48x48 (exports, for regression) or 24x24 (projector training).
+  wide; the hypercolumn resizes them to 48x48 (exports) or 24x24 (projector training).
 - Views, in the official order: DVE's JPEG noise, random resized crop (scale 0.2-1), ColorJitter(0.4, 0.4, 0.4)
   in a random order, PCA lighting noise (std 0.1); no flip, blur or TPS. The official code crops at 136 px, then
   cuts a 20 px border; we crop the final 96 px image. JPEG noise (PIL) is made in the data-loader workers, the
-  rest on the device for a whole batch. --moco-crop-min and --moco-jitter ablate the two invariances;
-  --moco-hue and --moco-grayscale add MoCo v1's.
+  rest on the device for a whole batch. --moco-crop-min/--moco-jitter ablate the invariances; --moco-hue and
+  --moco-grayscale add MoCo v1's.
 - The cosine schedule steps every iteration rather than every epoch (runs here last a few epochs).
-- Projector: the paper describes a linear map; the official code adds a per-channel spatial softmax of 7 x
-  output (--proj-softmax, off). The loss keeps the official distance ||u - v||^0.5 in input pixels (the paper
-  writes ||u - v||). It is trained on un-augmented images.
-- --bn-stats-images N (ours; off, as the paper): batch-norm statistics measured on N clean training images for
-  the exports. Without it a random network's batch norms are the identity in eval mode (docs/moco_hypercol.md).
-On a GPU, see --help for what --amp auto and --deterministic do there; --workers defaults to the cores.
+- Projector: the paper's map is linear; the official code adds a spatial softmax (--proj-softmax, off). The loss
+  keeps the official ||u - v||^0.5 in input pixels (the paper writes ||u - v||), on un-augmented images.
+- --bn-stats-images N (ours; off, as the paper): batch-norm statistics of N clean training images for the
+  exports; a random network's are the identity in eval mode otherwise (docs/moco_hypercol.md).
+On a GPU, --help says what --amp auto and --deterministic do; --workers defaults to the cores.
 
 Smallest run: `python moco_hypercol.py --train-images 512 --name tiny`: a bar per epoch, a summary line per
 epoch and stage, then runs/moco_hypercol/tiny/*.pt2, in a few minutes on 2 CPU cores; the default run takes
@@ -84,12 +82,10 @@ def get_args(argv=None):
     add("--train-images", type=int, default=0, help="use only the first N training images (0: all)")
     add("--arch", default="resnet18", choices=["resnet18", "resnet50"], help="torchvision backbone")
     add("--imagenet-init", action=switch, default=False, help="start from torchvision's ImageNet weights")
-    add("--epochs", type=int, default=1, help="MoCo epochs (paper 800); 0 exports the random-initialised network "
-        "(Tab. 5's baseline); 1 fits a 10-minute CPU run, 2-3 show the projector's gain reliably")
+    add("--epochs", type=int, default=1, help="MoCo epochs (paper 800); 0: the random network (Tab. 5's baseline)")
     add("--batch-size", type=int, default=32, help="images per step, both stages (paper 256)")
     add("--lr", type=float, default=0.03, help="SGD learning rate of MoCo, cosine-decayed to 0 (paper 0.03)")
-    add("--workers", type=int, default=None, help="data-loader processes (render, JPEG noise); default: the "
-        "machine's cores on a GPU, 1 on a CPU")
+    add("--workers", type=int, default=None, help="data-loader processes; default: all cores on a GPU, 1 on a CPU")
     add("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help=data.AMP_HELP)
     add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, then cpu")
     add("--seed", type=int, default=0, help="seeds the initialisation, the data order and the augmentations")
@@ -102,28 +98,20 @@ def get_args(argv=None):
     add("--moco-dim", type=int, default=128, help="size of the L2-normalised MoCo embedding (paper 128)")
     add("--moco-queue", type=int, default=4096, help="K, negatives in the queue (paper 4096), >= --batch-size")
     add("--moco-tau", type=float, default=0.07, help="temperature tau of Eq. 5 (paper 0.07)")
-    add("--moco-momentum", type=float, default=0.99, help="m of the key encoder (paper 0.999 for 800 epochs); "
-        "lower it for short runs so that the keys keep up with the queries")
-    add("--moco-bn-splits", type=int, default=2, help="sub-batches with their own batch norm (single-device "
-        "shuffle BN); 1 lets a query and its key share statistics")
-    add("--moco-crop-min", type=float, default=0.2, help="smallest area fraction of the random resized crop "
-        "(official 0.2; 1 keeps the whole image: an ablation of the crop invariance)")
-    add("--moco-jitter", type=float, default=0.4, help="brightness, contrast and saturation jitter (official "
-        "0.4; 0 turns it off: an ablation of the colour invariance)")
-    add("--moco-hue", type=float, default=0.0, help="hue jitter (MoCo v1: 0.4; the official views have none): "
-        "removes the colour shortcut of instance discrimination")
+    add("--moco-momentum", type=float, default=0.99, help="m of the key encoder (paper 0.999; lower: short runs)")
+    add("--moco-bn-splits", type=int, default=2, help="sub-batches with their own batch norm (shuffle BN); 1: off")
+    add("--moco-crop-min", type=float, default=0.2, help="smallest area of the random resized crop (1: no crop)")
+    add("--moco-jitter", type=float, default=0.4, help="brightness, contrast and saturation jitter (0: none)")
+    add("--moco-hue", type=float, default=0.0, help="hue jitter (MoCo v1: 0.4): removes the colour shortcut")
     add("--moco-grayscale", type=float, default=0.0, help="probability of a grayscale view (MoCo v1: 0.2)")
-    add("--bn-stats-images", type=int, default=0, help="after pretraining, measure the batch-norm statistics on N "
-        "clean training images for the exports and later stages (0: keep the training averages, the identity "
-        "for --epochs 0): compare networks at one value")
+    add("--bn-stats-images", type=int, default=0, help="export with batch-norm statistics of N clean images (0: "
+        "those of training, the identity for --epochs 0); compare networks at one value")
     add("--layers", default="layer4,layer3,layer2,layer1", help="hypercolumn layers, deepest first")
     add("--proj-dim", type=int, default=64, help="d, output channels of the projector (paper 64/128/256)")
-    add("--proj-softmax", action=switch, default=False, help="the official code's per-channel spatial softmax "
-        "of 7 x output after the projector (the paper's map is linear)")
+    add("--proj-softmax", action=switch, default=False, help="the official code's spatial softmax of 7 x output")
     add("--proj-epochs", type=int, default=1, help="projector epochs (paper 10)")
     add("--proj-lr", type=float, default=1e-3, help="Adam learning rate of the projector (paper 1e-3)")
-    add("--nmf-k", type=int, default=64, help="NMF components: --proj-dim compares with the projector (Tab. 4), "
-        "~8 gives readable part maps (Fig. 5)")
+    add("--nmf-k", type=int, default=64, help="NMF components (= --proj-dim: Tab. 4; ~8: readable Fig. 5)")
     add("--nmf-images", type=int, default=64, help="training images whose 24x24 hypercolumns NMF factorises")
     add("--nmf-iters", type=int, default=200, help="multiplicative updates (the exports use a quarter per image)")
     args = p.parse_args(argv)
@@ -287,11 +275,10 @@ class Images(torch.utils.data.Dataset):
 
 
 def draw_view_params(n, height, width, g, crop_min=0.2, jitter=0.4, hue=0.0, grayscale=0.0):
-    """The random parameters of n views, drawn from the CPU generator g as small tensors: torchvision's
-    RandomResizedCrop (box: top, left, h, w; 10 tries of an area fraction in [crop_min, 1] and an aspect ratio
-    log-uniform in [3/4, 4/3], the first that fits, else the whole image), ColorJitter (factors of brightness,
-    contrast, saturation in [1 - jitter, 1 + jitter], a hue shift in [-hue, hue], and each view's random order of
-    the 3, or 4 with hue), grayscale with probability `grayscale`, the lighting's alpha ~ N(0, 0.1^2)."""
+    """The random parameters of n views, small tensors drawn from the CPU generator g: RandomResizedCrop's box
+    (top, left, h, w: torchvision's 10 tries of an area fraction in [crop_min, 1] and a log-uniform aspect ratio in
+    [3/4, 4/3], else the whole image), ColorJitter's factors (brightness, contrast, saturation in 1 +- jitter, hue
+    shift in +-hue) and order per view, grayscale with probability `grayscale`, lighting alpha ~ N(0, 0.1^2)."""
     area = height * width * (crop_min + (1 - crop_min) * torch.rand(n, 10, generator=g))  # n x 10 tries
     ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * torch.rand(n, 10, generator=g))
     w, h = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()
@@ -484,12 +471,12 @@ def main(argv=None):
         if not train(args, "pretrain", run, loader, step_fn, state, args.epochs, device):
             return
         model.eval()
-        if args.bn_stats_images:  # the exports then carry the statistics of clean images, not of the views
-            measure_bn_stats(model, normalize(clean_images(train_set, args.bn_stats_images).to(device)),
-                             args.batch_size)  # kept beside the training state, which --resume needs as it was
-            path, stats = os.path.join(run, "checkpoint_pretrain.pt"), model.state_dict()
-            data.save_checkpoint(path, **{**data.load_checkpoint(path), "bn_stats": {
-                k: v for k, v in stats.items() if "running_" in k or "num_batches" in k}})
+        if args.bn_stats_images:  # clean images' statistics, kept beside the training state (--resume needs it)
+            images = normalize(clean_images(train_set, args.bn_stats_images).to(device))
+            stats = measure_bn_stats(model, images, args.batch_size).state_dict()
+            stats = {k: v for k, v in stats.items() if "running_" in k}
+            path = os.path.join(run, "checkpoint_pretrain.pt")
+            data.save_checkpoint(path, **{**data.load_checkpoint(path), "bn_stats": stats})
         hyper = Hypercolumn(model, args.layers, grid)
         export(hyper, run, "hypercol", info, args, hyper.groups)
         for name in args.layers if len(args.layers) > 1 else []:  # each layer alone (Tab. 3)
@@ -551,6 +538,7 @@ def main(argv=None):
         small = F.interpolate(figure_images, size=(grid, grid), mode="bilinear", antialias=True)
         save_pictures(os.path.join(run, "nmf_parts.png"), figure_images, 0.4 * small + 0.6 * palette[parts].permute(
             0, 3, 1, 2))
+
 
 if __name__ == "__main__":
     main()
