@@ -129,15 +129,14 @@ def _draw_params(seed, stream, number, spec):
             for x, (name, v) in zip(u, spec.items())}
 
 
-def _arc(start, stop, n):
+def _arc(start, stop, n, endpoint=True):
     """n points (cos t, sin t) of the unit circle for t from start to stop, (n, 2)."""
-    t = np.linspace(start, stop, n)
+    t = np.linspace(start, stop, n, endpoint=endpoint)
     return np.column_stack([np.cos(t), np.sin(t)])
 
 
-@functools.lru_cache(maxsize=None)
 def _circle(n):
-    return _arc(0.0, 2 * math.pi, n + 1)[:n]
+    return _arc(0.0, 2 * math.pi, n, endpoint=False)
 
 
 def _ellipse(centre, rx, ry, n=16):
@@ -155,12 +154,7 @@ def _lens(half_width, upper, lower):
 
 
 def _unit(v):
-    return v / math.sqrt(v @ v)
-
-
-def _cross(u, v):
-    """The cross product u x v of two 3-vectors (np.cross takes 10x longer on such tiny arrays)."""
-    return np.array([u[1] * v[2] - u[2] * v[1], u[2] * v[0] - u[0] * v[2], u[0] * v[1] - u[1] * v[0]])
+    return v / np.linalg.norm(v)
 
 
 def _cut(points, normal, offset):
@@ -507,9 +501,9 @@ class SyntheticBirds(_Synthetic):
         # The bird's frame: forward, up and its own left = up x forward; the body's axis rises by the pitch.
         heading = p["view"] if p["facing_right"] else math.pi - p["view"]
         forward, up = np.array([math.cos(heading), 0, math.sin(heading)]), np.array([0.0, 1, 0])
-        left = _cross(up, forward)
+        left = np.cross(up, forward)
         ax = math.cos(p["pitch"]) * forward + math.sin(p["pitch"]) * up
-        ax_up = _cross(ax, left)
+        ax_up = np.cross(ax, left)
 
         # Body: an ellipsoid with semi-axes the columns of A; its outline is the ellipse U diag(s) (circle)
         # from the SVD of A's x and y rows. Belly and breast patches are cut from the outline. Back, belly,
@@ -533,7 +527,7 @@ class SyntheticBirds(_Synthetic):
         r, turn, tilt = p["head_r"], p["head_turn"], p["head_pitch"]
         hf = math.cos(tilt) * (math.cos(turn) * forward + math.sin(turn) * left) + math.sin(tilt) * up
         hl = -math.sin(turn) * forward + math.cos(turn) * left
-        hu = _cross(hf, hl)
+        hu = np.cross(hf, hl)
         head = p["head_x"] * ax + p["head_up"] * p["body_h"] * ax_up
         outline, crown = _ellipse(head[:2], r, r, 32), _unit(hu[:2] + 1e-9)
         shapes = [("head", outline)]
@@ -548,7 +542,7 @@ class SyntheticBirds(_Synthetic):
             marks[name] = (head + r * normal, name, True)
             if normal[2] > 0:
                 t1 = _unit(hu - (hu @ normal) * normal)  # t1, t2: the disc's plane, tangent to the head
-                t2 = _cross(normal, t1)
+                t2 = np.cross(normal, t1)
                 shapes.append((name, marks[name][0][:2] + p["eye_r"] * _circle(16) @ [t1[:2], t2[:2]]))
         groups.append((max(head[2], 0.01), shapes))
 
@@ -689,10 +683,7 @@ CELEBA_WILD_MARGIN = 1.25  # our choice: square side = 1.25 x the longer side of
 CAT_MARGIN = 1.5  # our choice: square side = 1.5 x the longer side of the box around the 9 cat points
 
 # What each annotation file holds, in the words of the error messages.
-CELEBA_LIST = "a row count, a header line, then rows '<image> v1 ... v{}'"
 PARTITION_FORMAT = "rows '<image> 0|1|2' (CelebA's list_eval_partition.txt)"
-IDENTITY_FORMAT = "rows '<image> <identity>' (CelebA's identity_CelebA.txt)"
-MAFL_FORMAT = "one CelebA image name per row (MAFL list)"
 MTFL_FORMAT = "rows '<path> x1 ... x5 y1 ... y5' with 1-based pixels, optionally 4 attributes after"
 AFLW_CSV_FORMAT = "a CSV with a header naming image_file, set, crop_file, then x1, y1, ..., x5, y5"
 AFLW_MAT_FORMAT = "'gt' (N, 5, 2) keypoints as (y, x) and 'hw' (N, 2) image heights and widths"
@@ -737,7 +728,14 @@ def _bad(path, fmt, problem):
     return DatasetError(f"expected {path} to hold {fmt}, but {problem}")
 
 
-def _folder(path, what):
+def _check_split(split):
+    if split not in SPLIT_CODES:
+        raise ValueError(f"split must be one of {tuple(SPLIT_CODES)}, not {split!r}")
+
+
+def _folder(path, what, split="train"):
+    """The folder `path`, after checking the `split` a loader was asked for."""
+    _check_split(split)
     path = Path(path).expanduser()
     if not path.is_dir():
         raise DatasetError(f"expected {what} at {path}, but there is no such folder")
@@ -795,7 +793,7 @@ def _keyed(rows, path, fmt, num_values):
 
 def _counted_list(path, num_values):
     """CelebA's Anno lists: line 1 the row count, line 2 the column names, then '<image> v1 ... vn'."""
-    fmt = CELEBA_LIST.format(num_values)
+    fmt = f"a row count, a header line, then rows '<image> v1 ... v{num_values}'"
     lines = _lines(path, fmt)
     if not lines or not lines[0][1].isdigit():
         raise _bad(path, fmt, "its first line is not the row count")
@@ -842,11 +840,6 @@ def _holdout(n, split, val_size, source, test_size=0):
     return np.sort(parts[split])
 
 
-def _check_split(split):
-    if split not in SPLIT_CODES:
-        raise ValueError(f"split must be one of {tuple(SPLIT_CODES)}, not {split!r}")
-
-
 def _open_rgb(path):
     try:
         with Image.open(path) as image:
@@ -862,15 +855,9 @@ class _LandmarkDataset(Dataset):
     """Images with per-sample annotations, filled by a loader through _setup. Class attributes: the sample
     format's (by default faces with MAFL's 5 landmarks and the inter-ocular error) and the crop's."""
 
-    name = ""
-    mean, std = FACE_MEAN, FACE_STD
-    size = (96, 96)
-    landmark_names = MAFL_NAMES
-    eye_indices = (0, 1)
-    metric = "iod"
-    has_mask = False
-    poses_per_identity = 1
-    resize, cut = (136, 136), 20
+    name, mean, std, size, landmark_names = "", FACE_MEAN, FACE_STD, (96, 96), MAFL_NAMES
+    eye_indices, metric, has_mask, poses_per_identity = (0, 1), "iod", False, 1
+    resize, cut = (136, 136), 20  # the protocol crop: the window resized to 136x136, 20 px cut from each border
     fit = "stretch"  # without windows: the whole image ("stretch") or its centred crop of the output's shape
 
     def _setup(self, split, normalize, paths, keypoints, source, visible=None, identity=None, windows=None,
@@ -933,8 +920,7 @@ class CelebA(_LandmarkDataset):
     name = "celeba"
 
     def __init__(self, root, split="train", normalize=True, wild=False):
-        _check_split(split)
-        root = _folder(root, "the CelebA folder (with Img/, Anno/, Eval/ and MAFL/)")
+        root = _folder(root, "the CelebA folder (with Img/, Anno/, Eval/ and MAFL/)", split)
         mafl = set(_mafl_names(root, "training.txt")) | set(_mafl_names(root, "testing.txt"))
         path = root / "Eval/list_eval_partition.txt"
         partition = _table(path, PARTITION_FORMAT, 2)
@@ -965,7 +951,8 @@ class CelebA(_LandmarkDataset):
         index, landmarks = _counted_list(landmark_file, 10)
         identity, identity_file = None, root / "Anno/identity_CelebA.txt"
         if identity_file.is_file():  # optional: not every copy of CelebA has it
-            ids_index, ids = _keyed(_table(identity_file, IDENTITY_FORMAT, 2), identity_file, IDENTITY_FORMAT, 1)
+            fmt = "rows '<image> <identity>' (CelebA's identity_CelebA.txt)"
+            ids_index, ids = _keyed(_table(identity_file, fmt, 2), identity_file, fmt, 1)
             identity = ids[_rows_of(names, ids_index, identity_file), 0]
         self._setup(split, normalize, [image_dir / name for name in names],
                     landmarks[_rows_of(names, index, landmark_file)], root, identity=identity, windows=windows,
@@ -973,7 +960,7 @@ class CelebA(_LandmarkDataset):
 
 
 def _mafl_names(root, list_name):
-    return [fields[0] for _, fields in _table(root / "MAFL" / list_name, MAFL_FORMAT)]
+    return [fields[0] for _, fields in _table(root / "MAFL" / list_name, "one CelebA image name per row (MAFL list)")]
 
 
 class MAFL(CelebA):
@@ -984,8 +971,7 @@ class MAFL(CelebA):
     name = "mafl"
 
     def __init__(self, root, split="train", normalize=True, val_size=1000):
-        _check_split(split)
-        root = _folder(root, "the CelebA folder (with Img/, Anno/ and MAFL/)")
+        root = _folder(root, "the CelebA folder (with Img/, Anno/ and MAFL/)", split)
         list_name = "testing.txt" if split == "test" else "training.txt"
         names = _mafl_names(root, list_name)
         names = [names[i] for i in _holdout(len(names), split, val_size, root / "MAFL" / list_name)]
@@ -999,8 +985,7 @@ class AFLW_M(_LandmarkDataset):
     name = "aflw_m"
 
     def __init__(self, root, split="train", normalize=True, val_size=1000):
-        _check_split(split)
-        root = _folder(root, "the AFLW folder (with aflw_cropped/ and MTFL/)")
+        root = _folder(root, "the AFLW folder (with aflw_cropped/ and MTFL/)", split)
         if split == "test":
             path = root / "MTFL/testing.txt"
             rows = _table(path, MTFL_FORMAT, {11, 15})
@@ -1032,8 +1017,7 @@ class AFLW_R(_LandmarkDataset):
     name = "aflw_r"
 
     def __init__(self, root, split="train", normalize=True, val_size=1000):
-        _check_split(split)
-        root = _folder(root, "the AFLW_R folder (aflw_*_images.txt, aflw_*_keypoints.mat, output/)")
+        root = _folder(root, "the AFLW_R folder (aflw_*_images.txt, aflw_*_keypoints.mat, output/)", split)
         subset = "test" if split == "test" else "train"
         list_path, mat_path = root / f"aflw_{subset}_images.txt", root / f"aflw_{subset}_keypoints.mat"
         names = [line for _, line in _lines(list_path, "one image path (under output/) per row")]
@@ -1059,8 +1043,7 @@ class W300(_LandmarkDataset):
                "test": (("helen_testset", "helen/testset"), ("lfpw_testset", "lfpw/testset"), ("ibug", "ibug"))}
 
     def __init__(self, root, split="train", normalize=True, val_size=300):
-        _check_split(split)
-        root = _folder(root, "the 300W folder (with 'Bounding Boxes/', afw/, helen/, lfpw/, ibug/)")
+        root = _folder(root, "the 300W folder (with 'Bounding Boxes/', afw/, helen/, lfpw/, ibug/)", split)
         paths, boxes, keypoints = [], [], []
         for subset, folder in self.SUBSETS["test" if split == "test" else "train"]:
             for name, box in _read_300w_boxes(root / f"Bounding Boxes/bounding_boxes_{subset}.mat"):
@@ -1115,8 +1098,7 @@ class CUB(_LandmarkDataset):
     landmark_names, eye_indices, metric = CUB_NAMES, None, "pck"
 
     def __init__(self, root, split="train", normalize=True, split_file=None, val_size=500):
-        _check_split(split)
-        root = _folder(root, "the CUB_200_2011 folder (with images.txt, parts/ and images/)")
+        root = _folder(root, "the CUB_200_2011 folder (with images.txt, parts/ and images/)", split)
         images = _table(root / "images.txt", "rows '<image id> <path under images/>'", 2)
         ids, paths = [f[0] for _, f in images], [f[1] for _, f in images]
         if split_file is not None:
@@ -1163,8 +1145,7 @@ class CatHeads(_LandmarkDataset):
     resize, cut = (96, 96), 0
 
     def __init__(self, root, split="train", normalize=True, val_size=1000, test_size=1000):
-        _check_split(split)
-        root = _folder(root, "the cat heads folder (CAT_00/ ... with X.jpg and X.jpg.cat)")
+        root = _folder(root, "the cat heads folder (CAT_00/ ... with X.jpg and X.jpg.cat)", split)
         annotations = sorted(root.rglob("*.cat"))
         if not annotations:
             raise DatasetError(f"expected X.jpg.cat annotation files under {root}, but found none")
@@ -1858,11 +1839,10 @@ def load_extractor(path, device="cpu"):
 # =========================================================================================================
 # 7. Shared by the method files: the NMF baseline and the run helpers
 #
-# NMF is the unsupervised baseline of two papers (Cheng et al. Tab. 4, LEAD Tab. 1), so it lives here once.
-# The run helpers are the generic part of every script (device, precision, seeding, run directory, log,
-# atomic checkpoints, the input pipeline); each method file keeps its own training loop in plain sight.
-# Exact resume without random states: every random draw after initialisation is a function of
-# (seed, epoch, step or sample index) (`generator`), so a checkpoint holds models, optimisers and the step.
+# NMF is the unsupervised baseline of two papers (Cheng et al. Tab. 4, LEAD Tab. 1), so it lives here once. The
+# run helpers are the generic part of every script; each method file keeps its own training loop in plain sight.
+# Every random draw after initialisation is a function of (seed, epoch, step or sample index) (`generator`), so a
+# checkpoint holds models, optimisers and the step, and no random states.
 # =========================================================================================================
 def nmf(V, k, iters, basis=None, generator=None):
     """V ~ W H with W, H >= 0 (V: n x C, W: n x k, H: k x C) by Lee and Seung's multiplicative updates. Given a
@@ -2013,10 +1993,11 @@ def make_loader(dataset, batch_size, seed, workers, device):
 
 
 def default_workers(device):
-    """Data-loader processes: the machine's cores on a GPU (the device waits for nothing else), 1 on a CPU
-    (where every extra process competes with the training step for the same cores)."""
-    return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) \
-        if device.type == "cuda" else 1
+    """Data-loader processes: the machine's cores on a GPU, 1 on a CPU (where every extra process competes with
+    the training step for the same cores)."""
+    if device.type != "cuda":
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def to_device(batch, device):
@@ -2029,10 +2010,10 @@ def to_device(batch, device):
 # =========================================================================================================
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Look at a dataset: draws a contact sheet of samples with "
-                                     "their landmarks.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    preview = sub.add_parser("preview", help="save a PNG grid of samples with landmarks",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     "their landmarks.")
+    preview = parser.add_subparsers(dest="command", required=True).add_parser(
+        "preview", help="save a PNG grid of samples with landmarks",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     preview.add_argument("--dataset", default="synth-faces", choices=list(DATASETS), help="which data")
     preview.add_argument("--data-root", default=None, help="dataset folder (real datasets only)")
     preview.add_argument("--split", default="train", choices=["train", "val", "test"], help="which split")
