@@ -1,12 +1,13 @@
 """Matching and equivariance benchmarks of frozen dense features, for any exported extractor.
 
 Two ways to ask "do these features put the same object point at the same descriptor?" without training
-anything on top of them (../shared/PROTOCOL.md sections 2, 4 and 5):
+anything on top of them:
 
 1. Landmark matching (DVE, Thewlis et al., ICCV 2019, arXiv 1908.06427, Sec. 4; ContrastLandmark, Cheng et
    al., ICCV 2021, arXiv 2006.14787). Test images in order, two at a time (A, B), warp seed 0. Source = A
-   warped twice, same-identity target = A warped once, different-identity target = B warped once (TPS "match"
-   preset: the training-pair parameters halved, data.tps_training_pair). For each ground-truth landmark of the
+   warped twice, same-identity target = A warped once, different-identity target = B warped once (thin-plate
+   splines on a 10x10 control grid, preset "match" of data.random_tps: every parameter of the training pairs of
+   data.tps_training_pair halved). For each ground-truth landmark of the
    source, its descriptor is compared with every target descriptor and the arg-max is the prediction; the
    error is the distance to the true target location in a 70x70 frame (x 70 / 96), averaged over all landmark
    instances (500 sources x 5 landmarks on MAFL), separately for same and different identity.
@@ -32,8 +33,8 @@ grid assumes)
   On MAFL identities are unknown and consecutive images are taken as different, as DVE did.
 
 Smallest run: ``python match.py --features runs/<method>/<name>/<variant>.pt2 --equivariance`` prints one line
-with the same / different / same-by-construction errors and Acc(5 px), and writes runs/match/<name>/ (args.json,
-log.jsonl, results.json, matches.png, equivariance.png): about 30 s on a 2-core CPU for a 64-channel extractor
+with the same / different / same-by-construction errors and Acc(5 px), and writes runs/match/<name>/
+(args_match.json, log_match.jsonl, results.json, matches.png, equivariance.png): about 30 s on a 2-core CPU for a 64-channel extractor
 at 48x48 (a random 3-layer conv net: ~27 same, ~28 different, Acc(5 px) ~0.7; Gaussian bumps at the true
 landmarks, tests/bench_oracle.py: ~0.57, the floor set by the 2 px cells).
 """
@@ -48,8 +49,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-# the evaluation scripts' shared boilerplate lives in regress.py, so both write runs the same way
-from regress import assert_frozen, default_name, log_json, make_run_dir, pick_device, seed_everything
+from regress import assert_frozen, default_name  # the two evaluation scripts name and check runs alike
 
 
 def parse_args(argv=None):
@@ -293,8 +293,8 @@ def run(args):
     """The whole evaluation for parsed arguments; returns the results dict (also written to results.json)."""
     args.name = args.name or default_name(args.features[0], args.dataset)
     start = time.time()
-    device = pick_device(args.device)
-    seed_everything(args.seed)
+    device = data.choose_device(args.device)
+    data.seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     extractors = {os.path.splitext(os.path.basename(p))[0]: data.load_extractor(p, device) for p in args.features}
@@ -308,19 +308,20 @@ def run(args):
                      f"--image-size is {args.image_size}")
     if dataset.num_landmarks == 0:
         sys.exit(f"error: dataset {args.dataset!r} has no landmarks to match")
-    run_dir = make_run_dir("match", args)
+    run_dir = data.start_run(args.runs_dir, "match", args.name, "match", args, resume=True)
     fingerprints = {name: ex.state_fingerprint() for name, ex in extractors.items()}
 
     results = {"settings": vars(args), "dataset": args.dataset, "variant": args.variant, "frame": 70,
                "extractors": {name: ex.meta for name, ex in extractors.items()}}
     results["matching"], first = matching_benchmark(extractors, dataset, triples, args, device)
     for name, lines in results["matching"].items():
-        log_json(run_dir, {"benchmark": "matching", "features": name, **lines})
+        data.log(run_dir, "match", {"benchmark": "matching", "features": name,
+                                    **{line: round(v["mean_error"], 3) for line, v in lines.items()}})
     plot_matches(*first, args.acc_at, os.path.join(run_dir, "matches.png"))
     if args.equivariance:
         results["equivariance"] = equivariance_benchmark(extractors, dataset, args, device)
-        log_json(run_dir, {"benchmark": "equivariance", "d": args.acc_at,
-                           **{k: v["acc_at_d"] for k, v in results["equivariance"].items()}})
+        data.log(run_dir, "match", {"benchmark": "equivariance", "d": args.acc_at,
+                                    **{k: v["acc_at_d"] for k, v in results["equivariance"].items()}})
         plot_accuracy({k: v["acc"] for k, v in results["equivariance"].items()}, args.acc_at,
                       os.path.join(run_dir, "equivariance.png"))
 

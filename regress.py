@@ -5,76 +5,45 @@ way: a small head is trained on its FROZEN features with ground-truth annotation
 reported. This is the protocol of DVE (Thewlis, Albanie, Bilen, Vedaldi, "Unsupervised Learning of Landmarks by
 Descriptor Vector Exchange", ICCV 2019, arXiv 1908.06427) that ContrastLandmark (Cheng, Su, Maji, ICCV 2021,
 arXiv 2006.14787), LEAD (arXiv 2204.02958) and Rahaman et al. (arXiv 2104.02925) follow; the script never
-imports a method file, so every method is judged by the same code. Facts: ../shared/PROTOCOL.md sections 1-4.
+imports a method file, so every method is judged by the same code. docs/evaluation.md: the protocol's facts in
+full, every choice below with its measurement, and the commands.
 
-The protocol
-------------
-* Head (DVE's "intermediate keypoint predictor", `DVERegressor`): per annotated landmark, 50 intermediate
-  points. A 1x1 conv without bias (weights ~ N(0, 1)) maps C -> nA * 50 response maps; each goes through a
-  spatial softmax of 100 * response, whose expectation over the linspace(-1, 1) grid of the feature map is a
-  point (x, y); a grouped 1x1 conv without bias (groups = nA) maps each landmark's 100 numbers, ordered
-  (x1, y1, x2, y2, ...), to its (x, y) in [-1, 1] (the grid_sample(align_corners=True) convention).
-* Loss: smooth L1 between 10 * prediction and 10 * target, targets kp_n = 2 kp / (W - 1) - 1 (`regression_loss`).
-* `--optim dve`: Adam lr 1e-3, weight decay 5e-4, amsgrad, batch 32, lr x0.1 at epochs 100 and 250 of 300.
-  `--optim contrastlandmark`: Adam lr 1e-3, wd 5e-4, betas (0.5, 0.999), cosine schedule.
-* Few-shot (`--annotations N ...`): lr 1e-2, weight decay 5e-2, the TPS "single warp" augmentation of PROTOCOL.md
-  section 4 on images, keypoints and masks alike, mean +- std over `--seeds` random subsets (DVE used 3).
-* Metrics (`landmark_metrics`): IOD % = 100 * mean ||pred - gt|| / ||gt[e0] - gt[e1]|| with the dataset's eye
-  indices; PCK % = share of visible landmarks within 5% of the longer image side; mean pixel error; each also per
-  landmark. The primary metric is the dataset's (IOD for faces, PCK for birds).
-* `--head ridge` (Rahaman et al. 2021, for DISCOVERED landmarks): the extractor outputs K heatmaps (kind
-  "heatmaps"); their soft-argmax gives K points, and closed-form ridge regression (alpha 0.1, no bias) maps those
-  2K numbers to the 2 nA annotated coordinates (`ridge_fit`).
-* `--task mask` (ContrastLandmark supplement Sec. 5, Tab. 6): a 1x1 conv (with bias) on the frozen features
-  predicts the foreground, upsampled bilinearly to the image, BCE loss; reported as the mean over test images of
-  the foreground IoU at probability 0.5. The supplement does not say more; these choices are ours.
+* Head (`DVERegressor`, every protocol): per annotated landmark 50 intermediate points, each the soft-argmax of
+  100 x a 1x1-conv response map over the linspace(-1, 1) grid of the feature map; a per-landmark linear map of its
+  50 points gives the landmark. Loss: smooth L1 of 10 x the normalised coordinates (`regression_loss`).
+* Metrics (`landmark_metrics`): IOD % (error / inter-ocular distance; `--eyes` names them for a CSV), PCK % within
+  5% of the longer image side (CUB; a CSV without eyes), mean pixel error; also per landmark.
+* Few-shot (`--annotations 1 5 10 ...`): lr 1e-2, weight decay 5e-2, a small random thin-plate-spline warp of each
+  training image, mean +- std over `--seeds` subsets. `--head ridge` (Rahaman et al.): ridge from the soft-argmax
+  of K discovered heatmaps. `--task mask` (ContrastLandmark supplement Tab. 6): a 1x1 conv, BCE, foreground IoU.
 
-Reference numbers and how to compare with them
------------------------------------------------
-The published tables (DVE arXiv 1908.06427, ContrastLandmark arXiv 2006.14787) were made with the FAITHFUL
-settings: DVE read the test error at the last of 300 epochs (`--epochs 300 --select-on last`); ContrastLandmark
-read it at a fixed epoch chosen on the test set (`--optim contrastlandmark --select-on test`, MAFL 120 epochs,
-AFLW 45, 300W 80) and truncated PCK distances to integers (`--pck-int-truncation`). Our numbers with the sound
-defaults are not directly comparable with theirs, and the results file says which settings made them.
+Protocols (`--protocol`). `dve` is DVE's recipe: N(0, 1) weights on the raw features, Adam lr 1e-3, weight
+decay 5e-4, amsgrad, batch 32, 300 epochs, lr x0.1 at epochs 100 and 250, float32, the last epoch (for a GPU).
+`contrastlandmark`: betas (0.5, 0.999) and a cosine schedule. `default` is ours, with these deviations:
+* Each channel is standardised by its mean and std measured on the training features, times sqrt(C) (a location's
+  descriptor then has unit mean squared norm); `--no-standardize` turns it off. The mean adds a constant to each
+  response map, which the softmax ignores, and the std is a change of the 1x1 conv's weights: the head represents
+  the same functions, but Adam, whose steps are the same size for every weight, no longer moves a channel 10x
+  larger 10x faster, so that the result does not depend on how the extractor scales its channels.
+* Weights ~ N(0, 1 / 100^2): the responses enter the softmax at unit scale, so its gradient reaches every cell.
+* Adam lr 1e-2 (DVE's few-shot rate), a linear warm-up over the first epoch and a cosine decay to zero per step,
+  20 epochs, bfloat16 autocast where the device has it (data.amp_dtype).
+Every protocol: epochs are selected on a validation split held out of the training list when the dataset has
+none (not for dve); PCK in floating point (`--pck-int-truncation`: ContrastLandmark's whole pixels); invisible
+landmarks ignored by loss and metrics; keypoints moved by warps exactly. Frozen features are computed once and
+cached in float16 on the device while they fit `--cache-budget-gb`, otherwise streamed through the extractor by
+`--workers` loader processes (and so are the warped few-shot training images). `--zoom-train/--zoom-test`: LEAD's
+scale ablation (Sec. 4.4), each image zoomed out about its centre by a factor drawn from (seed, split, index).
 
-Deviations from DVE / ContrastLandmark, and the sound defaults
---------------------------------------------------------------
-* Epochs are selected on a validation split (`--select-on val`), never on the test split; datasets without a
-  validation split get one that data.py holds out of their training list with a fixed seed (e.g. 1,000 of
-  MAFL's 19,000 training images, which DVE trained on in full). `--epochs` defaults to a short run; the lr
-  milestones 100 and 250 of 300 are scaled to the same fractions of `--epochs`.
-* PCK is computed in floating point; invisible landmarks are ignored by PCK, IOD, pixel error AND the training
-  loss (DVE's face datasets have none; on CUB an invisible part has no meaningful coordinate).
-* Frozen features are computed once and cached in float16 when they fit in `--cache-budget-gb` (DVE re-runs the
-  network every epoch); float16 keeps ~3 significant digits, far below the regressor's noise. Augmentation
-  (few-shot) changes the images every step, so the training features are then streamed: the extractor runs on
-  every batch and only validation and test are cached. `--no-augment` makes few-shot runs cacheable (faster,
-  but not the protocol). A split whose features overflow float16 is streamed in float32.
-* Few-shot: a subset smaller than a batch is repeated within an epoch so that every step sees a full batch of
-  (differently augmented) copies. Epoch selection uses the full validation split for every N; `--select-on last`
-  avoids those extra labels.
-* Scale ablation (LEAD Sec. 4.4, `--zoom-train LO HI`, `--zoom-test LO HI`): each training (resp. validation
-  and test) image, with its keypoints and mask, is zoomed out about its centre by a factor drawn uniformly in
-  [LO, HI] from (seed, split, index) (`Zoomed`); the features are computed and cached from the zoomed images
-  and the default run name ends in -zoomtrainLO-HI / -zoomtestLO-HI. LEAD does not say how it zoomed.
-* Keypoints are moved by the warps exactly (data.warp_points), not by DVE's nearest-pixel lookup, and a
-  landmark warped out of the frame becomes invisible.
-
-Cost: DVE's head computes nA x 50 softmax maps per image (250 maps of 48x48 for MAFL), about 0.5 s per batch
-of 32 on one CPU core, so a faithful run (300 epochs of MAFL) wants a GPU. The defaults are a quick look.
-
-Smallest run: ``python regress.py --features runs/<method>/<name>/<variant>.pt2`` trains for 5 epochs on 500
-built-in synthetic faces (validated on 500, tested on 500), prints one line per epoch and a summary line, and
-writes runs/regress/<name>/ (args.json, log.jsonl, results.json, predictions.png): about a minute on a shared
-2-core CPU with --threads 1 for a 64-channel extractor at 48x48 (a random 3-layer conv net: test IOD ~57%, far
-from converged; Gaussian bumps at the true landmarks, tests/bench_oracle.py: 2.7%, the floor of 2 px cells).
+Smallest run: ``python regress.py --features runs/<method>/<name>/<variant>.pt2``: 500 built-in synthetic faces per
+split, one line per epoch, then the test error beside the mean training shape's (a head that ignores the image);
+writes runs/regress/<name>/ (args_regress.json, log_regress.jsonl, results.json, predictions.png).
 """
 import argparse
 import copy
 import json
 import math
 import os
-import random
 import sys
 import time
 
@@ -87,114 +56,81 @@ from tqdm import tqdm
 
 import data
 
+# What each protocol sets when its flag is not given (see the docstring).
+PROTOCOLS = {
+    "default": dict(epochs=20, lr=1e-2, weight_decay=5e-4, standardize=True, amp="auto", select_on="val"),
+    "dve": dict(epochs=300, lr=1e-3, weight_decay=5e-4, standardize=False, amp="none", select_on="last"),
+    "contrastlandmark": dict(epochs=120, lr=1e-3, weight_decay=5e-4, standardize=False, amp="none", select_on="val"),
+}
+VAL_SIZE_DATASETS = ("mafl", "aflw-m", "aflw-r", "300w", "cub", "cats")  # those that hold out their own val split
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--features", required=True, help="exported extractor (.pt2) written by a method script "
-                        "with data.save_extractor; it is evaluated frozen, in eval mode")
-    parser.add_argument("--dataset", default="synth-faces", choices=list(data.DATASETS),
-                        help="labelled dataset; the built-in synthetic faces need no files")
-    parser.add_argument("--data-root", default=None, help="dataset folder on disk (real datasets only)")
-    parser.add_argument("--image-size", type=int, default=96, help="side of the square input images in pixels; "
-                        "must equal the extractor's input size (96 in every paper)")
-    parser.add_argument("--task", default="landmarks", choices=["landmarks", "mask"],
-                        help="landmarks: regress the annotated landmarks; mask: figure-ground segmentation "
-                        "(ContrastLandmark supplement Tab. 6), needs a dataset with masks (the synthetic ones)")
-    parser.add_argument("--head", default="dve", choices=["dve", "ridge"],
-                        help="dve: DVE's regressor trained by SGD on dense features; ridge: closed-form ridge "
-                        "from the soft-argmax of an extractor of kind 'heatmaps' (Rahaman et al.)")
-    parser.add_argument("--optim", default="dve", choices=["dve", "contrastlandmark"],
-                        help="dve: Adam amsgrad, lr x0.1 at 1/3 and 5/6 of --epochs (100 and 250 of 300); "
-                        "contrastlandmark: Adam betas (0.5, 0.999), cosine schedule")
-    parser.add_argument("--epochs", type=int, default=5, help="training epochs; the papers use 300 (DVE) and "
-                        "120/45/80 (ContrastLandmark on MAFL/AFLW/300W); the default is a quick look: raise it "
-                        "while the validation error still falls")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per step (32 in both papers)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate on the full training set")
-    parser.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay on the full training set")
-    parser.add_argument("--few-shot-lr", type=float, default=1e-2, help="learning rate with --annotations (DVE)")
-    parser.add_argument("--few-shot-weight-decay", type=float, default=5e-2,
-                        help="weight decay with --annotations (DVE); strong, because a few images overfit fast")
-    parser.add_argument("--intermediate-points", type=int, default=50, help="intermediate points per landmark")
-    parser.add_argument("--softargmax-mul", type=float, default=100.0,
-                        help="multiplier of the responses inside the spatial softmax (DVE's configs: 100)")
-    parser.add_argument("--select-on", default="val", choices=["val", "last", "test"],
-                        help="epoch whose test number is reported: val = best on the validation split (sound); "
-                        "last = DVE's practice; test = best on the TEST split, ContrastLandmark's practice, "
-                        "optimistic: only to reproduce their tables")
-    parser.add_argument("--annotations", type=int, nargs="+", default=None,
-                        help="few-shot: train on N annotated images (several N allowed, e.g. 1 5 10 20 50 100); "
-                        "default: the whole training split")
-    parser.add_argument("--seeds", type=int, default=1, help="random subsets (and head inits) per setting, "
-                        "reported as mean +- std; DVE used 3 for few-shot")
-    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                        help="few-shot TPS 'single warp' augmentation of the training images; default: on with "
-                        "--annotations (the protocol), off otherwise (DVE); on means no cached training features")
-    parser.add_argument("--pck-int-truncation", action="store_true",
-                        help="truncate PCK distances to whole pixels before the threshold, as ContrastLandmark did "
-                        "(int32); it loosens the test (2.4 px acts as 3 px at 48 px, 4.8 as 5 at 96 px): only to "
-                        "reproduce their numbers")
-    parser.add_argument("--ridge-alpha", type=float, default=0.1, help="ridge penalty of --head ridge")
-    parser.add_argument("--cache-budget-gb", type=float, default=2.0,
-                        help="memory for float16 features cached once (train, then val, then test); a split that "
-                        "does not fit is streamed through the extractor every epoch (slow); 0 = never cache")
-    parser.add_argument("--max-images", type=int, default=None,
-                        help="use at most this many images of each split (0 = all); default: all images of a real "
-                        "dataset, the first 500 of each split of the built-in synthetic data (a quick look: "
-                        "DVE's head costs ~0.5 s per batch of 32 on a CPU core)")
-    parser.add_argument("--zoom-train", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                        help="scale ablation (LEAD Sec. 4.4): zoom every training image out about its centre by a "
-                        "factor drawn uniformly in [LO, HI] per image (seeded by split and index, so reproducible; "
-                        "1 = unchanged, 2 = half the size, black border); default: off")
-    parser.add_argument("--zoom-test", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                        help="the same for the validation and test images, e.g. --zoom-train 1 1.5 --zoom-test 1.5 2 "
-                        "tests at scales never seen in training")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0 = main process; "
-                        "raise it for real datasets whose JPEG decoding is the bottleneck)")
-    parser.add_argument("--plot-images", type=int, default=8, help="test images drawn in predictions.png")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                        help="auto = cuda if available, else mps, else cpu")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads of PyTorch (0 = its default, one per "
-                        "core); 1 is often faster on a machine shared with other jobs")
-    parser.add_argument("--seed", type=int, default=0, help="seed of subsets, head init, order and warps")
-    parser.add_argument("--name", default=None, help="run name; default: <features file>-<dataset>, plus -mask, "
-                        "-ridge or -fewshot when those are used")
-    parser.add_argument("--runs-dir", default="runs", help="results go to <runs-dir>/regress/<name>/")
-    return parser.parse_args(argv)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Boilerplate of the evaluation scripts (match.py imports it from here): device, seeding, run directory, log.
-# ---------------------------------------------------------------------------------------------------------
-def pick_device(name):
-    """--device: auto = cuda if available, else mps, else cpu; a requested device that is absent is an error."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not torch.backends.mps.is_available()):
-        sys.exit(f"error: --device {name} was requested but is not available on this machine; use --device cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def make_run_dir(script, args):
-    """runs/<script>/<name>/ with args.json and an empty log.jsonl; returns its path."""
-    run_dir = os.path.join(args.runs_dir, script, args.name)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
-    open(os.path.join(run_dir, "log.jsonl"), "w").close()
-    return run_dir
-
-
-def log_json(run_dir, record):
-    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    add = parser.add_argument
+    add("--features", required=True, help="exported extractor (.pt2, data.save_extractor), evaluated frozen")
+    add("--dataset", default="synth-faces", choices=list(data.DATASETS), help="labelled dataset (synth-*: built in)")
+    add("--data-root", default=None, help="dataset folder on disk (real datasets only)")
+    add("--val-size", type=int, default=None, help="validation images held out of the training list of mafl, aflw-m, "
+        "aflw-r, 300w, cub and cats (default: data.py's, 1,000 for MAFL); lower it for a small folder of your own")
+    add("--eyes", nargs=2, default=None, metavar=("E0", "E1"), help="the two landmarks (CSV header names or 0-based "
+        "indices) whose distance normalises the error (IOD); default: the dataset's eyes, for a CSV the two header "
+        "names that contain 'eye'; a CSV without them is scored by PCK")
+    add("--image-size", type=int, default=96, help="input side in pixels; the extractor's (96 in every paper)")
+    add("--task", default="landmarks", choices=["landmarks", "mask"],
+        help="mask: figure-ground segmentation (ContrastLandmark supplement Tab. 6), synthetic datasets only")
+    add("--head", default="dve", choices=["dve", "ridge"], help="dve: DVE's regressor on dense features; ridge: "
+        "closed-form ridge from the soft-argmax of an extractor of kind 'heatmaps' (Rahaman et al.)")
+    add("--protocol", default="default", choices=list(PROTOCOLS), help="how the head is trained. default: ours, "
+        "converges in minutes on a CPU whatever the channels' scale (standardised features, small init, Adam 1e-2 "
+        "with warm-up and cosine, bf16, 20 epochs); dve: DVE's exact recipe (N(0, 1) init, Adam amsgrad 1e-3, lr "
+        "x0.1 at 1/3 and 5/6 of 300 epochs, fp32, last epoch), for a GPU; contrastlandmark: Adam betas (0.5, "
+        "0.999), cosine, 120 epochs. Flags marked 'protocol' override its choice")
+    add("--epochs", type=int, default=None, help="protocol: 20, dve 300, contrastlandmark 120; if the validation "
+        "error still falls at the end, double it")
+    add("--lr", type=float, default=None, help="protocol: 1e-2, dve and contrastlandmark 1e-3")
+    add("--weight-decay", type=float, default=None, help="protocol: 5e-4")
+    add("--standardize", action=argparse.BooleanOptionalAction, default=None, help="protocol (on, off for dve and "
+        "contrastlandmark): standardise each channel with statistics of the training features")
+    add("--amp", default=None, choices=["auto", "bf16", "fp16", "none"], help=f"protocol (auto, none for dve and "
+        f"contrastlandmark): {data.AMP_HELP}")
+    add("--select-on", default=None, choices=["val", "last", "test"], help="protocol: the epoch reported. val: best "
+        "on the validation split (sound); last: DVE's practice (dve); test: best on the TEST split, ContrastLandmark's "
+        "practice, optimistic: only to reproduce their tables")
+    add("--batch-size", type=int, default=32, help="images per step (32 in both papers)")
+    add("--few-shot-lr", type=float, default=1e-2, help="learning rate with --annotations (DVE)")
+    add("--few-shot-weight-decay", type=float, default=5e-2, help="weight decay with --annotations (DVE)")
+    add("--intermediate-points", type=int, default=50, help="intermediate points per landmark (DVE)")
+    add("--softargmax-mul", type=float, default=100.0, help="multiplier of the responses in the softmax (DVE: 100)")
+    add("--annotations", type=int, nargs="+", default=None, help="few-shot: train on N annotated images (several "
+        "allowed, e.g. 1 5 10 20 50 100); default: the whole training split")
+    add("--seeds", type=int, default=1, help="random subsets per setting, reported as mean +- std (DVE: 3)")
+    add("--augment", action=argparse.BooleanOptionalAction, default=None, help="warp the training images (TPS "
+        "'single'); default: on with --annotations (DVE's few-shot protocol); on means streamed training features")
+    add("--pck-int-truncation", action="store_true", help="truncate PCK distances to whole pixels as ContrastLandmark "
+        "did (2.4 px acts as 3 px): only to reproduce their numbers")
+    add("--ridge-alpha", type=float, default=0.1, help="ridge penalty of --head ridge")
+    add("--cache-budget-gb", type=float, default=None, help="memory on the device for the float16 features cached "
+        "once (train, then val); what does not fit is streamed through the extractor every epoch (slow); 0 = never; "
+        "default: half of the device's free memory (the host's on a CPU)")
+    add("--max-images", type=int, default=None, help="at most this many images per split (0 = all); default: all of a "
+        "real dataset, 500 of the synthetic data")
+    add("--zoom-train", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="scale ablation (LEAD Sec. "
+        "4.4): zoom each training image out about its centre by a factor drawn in [LO, HI] (2 = half the size)")
+    add("--zoom-test", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="the same for validation and test")
+    add("--workers", type=int, default=None, help="loader processes that read and decode the images the extractor "
+        "streams; default: data.default_workers (the cores on a GPU, 1 on a CPU); 0 = the main process")
+    add("--plot-images", type=int, default=8, help="test images drawn in predictions.png")
+    add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, then cpu")
+    add("--threads", type=int, default=0, help="CPU threads (0 = PyTorch's default); 1 helps on a shared machine")
+    add("--seed", type=int, default=0, help="seed of subsets, head init, order and warps")
+    add("--name", default=None, help="run name; default: <features file>-<dataset>[-mask|-ridge|-fewshot|-protocol]")
+    add("--runs-dir", default="runs", help="results go to <runs-dir>/regress/<name>/")
+    args = parser.parse_args(argv)
+    for key, value in PROTOCOLS[args.protocol].items():  # the protocol fills in what was not given
+        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    return args
 
 
 def default_name(features, dataset):
@@ -209,7 +145,7 @@ def assert_frozen(before, after):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Metrics: pure functions of predictions and ground truth in pixels (PROTOCOL.md section 2).
+# Metrics: pure functions of predictions and ground truth in pixels.
 # ---------------------------------------------------------------------------------------------------------
 LOWER_IS_BETTER = {"iod": True, "error_px": True, "pck": False, "iou": False}
 
@@ -250,8 +186,19 @@ def mask_iou(logits, masks):
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
+def mean_shape_reference(train, test, spec):
+    """What a head that ignores the image scores: every test image is given the mean training shape (each
+    landmark's mean over its visible training instances). A regressor that does not beat it has learnt nothing
+    from the features; on aligned faces it is a strong baseline. train, test: (keypoints, visible) pairs."""
+    (train_kp, train_vis), (test_kp, test_vis) = train, test
+    weights = train_vis.float().unsqueeze(-1)  # (N, nA, 1)
+    mean = (train_kp * weights).sum(0) / weights.sum(0).clamp(min=1)  # (nA, 2)
+    return landmark_metrics(mean.expand_as(test_kp), test_kp, test_vis, spec["size"], spec["eye_indices"],
+                            spec["pck_int_truncation"])
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Heads: DVE's regressor, the mask head and ridge regression (pure modules and functions).
+# Heads: DVE's regressor, the mask head, the fixed standardisation, and ridge regression.
 # ---------------------------------------------------------------------------------------------------------
 def expected_location(probs):
     """(B, K, h, w) maps that sum to 1 -> (B, K, 2): expected (x, y) over linspace(-1, 1) grids of the map."""
@@ -264,24 +211,43 @@ def soft_argmax(logits):
     return expected_location(logits.flatten(2).softmax(-1).view_as(logits))
 
 
-class DVERegressor(nn.Module):
-    """DVE's linear landmark regressor (PROTOCOL.md section 1): features (B, C, h, w) -> (B, nA, 2) in [-1, 1]."""
+class StandardizedConv(nn.Conv2d):
+    """A 1x1 conv of (f - mean) / std per channel, computed without that pass over the features: its weight is
+    divided by std and the mean moves into the bias (the same output). mean and std are fixed buffers, measured on
+    the training features (`channel_stats`); the identity until set. For DVE's head the bias term is a constant
+    per map, which the softmax ignores: standardising changes how Adam moves the weights, not what they can do."""
 
-    def __init__(self, channels, n_landmarks, n_points=50, softargmax_mul=100.0):
+    def __init__(self, channels, out, bias):
+        super().__init__(channels, out, 1, bias=bias)
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("std", torch.ones(channels))
+
+    def forward(self, features):
+        weight = self.weight / self.std.clamp(min=1e-12).view(1, -1, 1, 1)  # a constant channel gets weight 0
+        bias = -(weight.flatten(1) @ self.mean) + (0 if self.bias is None else self.bias)  # (out,)
+        return F.conv2d(features, weight, bias)
+
+
+class DVERegressor(nn.Module):
+    """DVE's linear landmark regressor: features (B, C, h, w) -> (B, nA, 2) in [-1, 1]; init_std: of the response
+    weights (DVE: 1)."""
+
+    def __init__(self, channels, n_landmarks, n_points=50, softargmax_mul=100.0, init_std=1.0):
         super().__init__()
         self.n_landmarks, self.n_points, self.softargmax_mul = n_landmarks, n_points, softargmax_mul
         # Maps n_points * a .. n_points * (a + 1) - 1 belong to landmark a (landmark-major order).
-        self.points = nn.Conv2d(channels, n_landmarks * n_points, 1, bias=False)
-        nn.init.normal_(self.points.weight)  # standard normal, as DVE's torch.randn descriptors
+        self.points = StandardizedConv(channels, n_landmarks * n_points, bias=False)
+        nn.init.normal_(self.points.weight, std=init_std)  # DVE: standard normal (torch.randn)
         # groups = nA: landmark a only sees its own 100 numbers (x1, y1, ..., x50, y50).
         self.combine = nn.Conv2d(n_landmarks * n_points * 2, n_landmarks * 2, 1, groups=n_landmarks, bias=False)
 
     def forward(self, features):
-        # In place: the conv's backward needs its input and weight, not its output (saves a 250-map copy).
-        logits = self.points(features).mul_(self.softargmax_mul)  # (B, nA * nI, h, w)
+        # The softmax runs in float32 (100 x a bfloat16 response is off by up to ~1 where it is large); in place:
+        # the conv's backward needs its input and weight, not its output (saves a 250-map copy).
+        logits = self.points(features).float().mul_(self.softargmax_mul)  # (B, nA * nI, h, w)
         xy = soft_argmax(logits)  # (B, nA * nI, 2)
         out = self.combine(xy.reshape(len(features), -1, 1, 1))  # (B, nA * 2, 1, 1)
-        return out.view(len(features), self.n_landmarks, 2)
+        return out.view(len(features), self.n_landmarks, 2).float()
 
 
 class MaskHead(nn.Module):
@@ -289,10 +255,17 @@ class MaskHead(nn.Module):
 
     def __init__(self, channels, size):
         super().__init__()
-        self.conv, self.size = nn.Conv2d(channels, 1, 1), tuple(size)
+        self.conv, self.size = StandardizedConv(channels, 1, bias=True), tuple(size)
 
     def forward(self, features):
-        return F.interpolate(self.conv(features), size=self.size, mode="bilinear", align_corners=True)
+        return F.interpolate(self.conv(features).float(), size=self.size, mode="bilinear", align_corners=True)
+
+
+def set_stats(head, mean, std):
+    """Give every StandardizedConv of `head` the per-channel mean and std of the training features."""
+    for module in head.modules():
+        if isinstance(module, StandardizedConv):
+            module.mean.copy_(mean), module.std.copy_(std)
 
 
 def regression_loss(pred, target, visible):
@@ -318,75 +291,98 @@ def fit_ridge_head(points, targets, visible, alpha):
     return torch.cat(columns, dim=1)  # (2K, 2 nA)
 
 
+def ridge_predict(points, W, size):
+    """points (N, K, 2) normalised, W (2K, 2nA) -> predicted landmarks (N, nA, 2) in pixels."""
+    return data.to_pixels((points.flatten(1).double() @ W).float().view(len(points), -1, 2), size)
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Frozen features: cached once in float16 when they fit, otherwise streamed through the extractor.
+# Frozen features: cached once in float16 on the device when they fit, otherwise streamed through the extractor.
 # A "source" is a dict: dataset, indices (dataset indices), store (cached tensors or None), extractor, workers.
 # ---------------------------------------------------------------------------------------------------------
-def cache_features(extractor, dataset, indices, batch_size, with_mask, workers=0, desc="cache"):
-    """Run the extractor once over dataset[indices] -> dict of CPU tensors: features (N, C, h, w) float16,
+def cache_features(source, batch_size, with_mask, device, desc="cache"):
+    """Run the extractor once over the source -> dict of tensors on `device`: features (N, C, h, w) float16,
     keypoints (N, K, 2) pixels, visible (N, K), and mask (N, 1, H, W) bool. None if float16 overflows."""
-    source = dict(dataset=dataset, indices=list(indices), store=None, extractor=extractor, workers=workers)
     parts = {}
-    for batch in batches(source, torch.arange(len(indices)), batch_size, "cpu", desc=desc):
-        features = batch["features"].half()
-        if not torch.isfinite(features).all():
+    for batch in batches(dict(source, store=None), torch.arange(len(source["indices"])), batch_size, device, desc=desc):
+        batch["features"] = batch["features"].half()
+        if not torch.isfinite(batch["features"]).all():
             return None
-        batch["features"] = features
         if with_mask:
             batch["mask"] = batch["mask"] > 0.5
         for key in ("features", "keypoints", "visible") + (("mask",) if with_mask else ()):
-            parts.setdefault(key, []).append(batch[key].cpu())
+            parts.setdefault(key, []).append(batch[key])
     return {key: torch.cat(chunks) for key, chunks in parts.items()}
 
 
-def batches(source, positions, batch_size, device, augment=False, generator=None, desc=None):
+def batches(source, positions, batch_size, device, augment=False, generator=None, desc=None, dtype=torch.float32):
     """Yield dicts of tensors on `device` for source positions (indices into source["indices"]), batch_size at a
-    time: features float32 (B, C, h, w), keypoints (B, K, 2) pixels, visible (B, K) bool, mask (B, 1, H, W).
-    augment: one random TPS "single warp" per image (PROTOCOL.md section 4), only for streamed sources."""
-    chunks = positions.split(batch_size)
+    time: features (B, C, h, w) in `dtype` (bfloat16 under bf16 autocast: one cast from the float16 cache),
+    keypoints (B, K, 2) pixels, visible (B, K) bool, mask (B, 1, H, W) float. augment: one random TPS "single warp"
+    per image, only for streamed sources."""
     if source["store"] is not None:
-        for chunk in tqdm(chunks, desc=desc, leave=False, disable=desc is None):
-            yield {k: (v[chunk].float() if k in ("features", "mask") else v[chunk]).to(device)
-                   for k, v in source["store"].items()}
+        for chunk in tqdm(positions.split(batch_size), desc=desc, leave=False, disable=desc is None):
+            batch = {k: v[chunk.to(v.device)].to(device, non_blocking=True) for k, v in source["store"].items()}
+            yield dict(batch, features=batch["features"].to(dtype), **({"mask": batch["mask"].float()}
+                                                                        if "mask" in batch else {}))
         return
     subset = Subset(source["dataset"], [source["indices"][p] for p in positions.tolist()])
-    loader = DataLoader(subset, batch_size=batch_size, num_workers=source["workers"])
+    loader = DataLoader(subset, batch_size=batch_size, num_workers=source["workers"],
+                        pin_memory=torch.device(device).type == "cuda")
     for batch in tqdm(loader, desc=desc, leave=False, disable=desc is None):
-        images, keypoints, visible = (batch[k].to(device) for k in ("image", "keypoints", "visible"))
-        mask = batch["mask"].to(device) if "mask" in batch else None
+        batch = data.to_device({k: batch[k] for k in ("image", "keypoints", "visible", "mask") if k in batch}, device)
         if augment:
-            size = images.shape[-2:]
-            warp = data.random_tps(len(images), "single", generator=generator, device=device)
-            images = data.warp_images(images, warp)
-            keypoints = data.warp_points(keypoints, warp, size)
-            visible = visible & data.in_frame(keypoints, size)  # a landmark warped off the image is unseen
-            mask = None if mask is None else (data.warp_images(mask, warp) > 0.5).float()
+            size = batch["image"].shape[-2:]
+            warp = data.random_tps(len(batch["image"]), "single", generator=generator, device=device)
+            batch["image"] = data.warp_images(batch["image"], warp)
+            batch["keypoints"] = data.warp_points(batch["keypoints"], warp, size)
+            batch["visible"] = batch["visible"] & data.in_frame(batch["keypoints"], size)  # warped off: unseen
+            if "mask" in batch:
+                batch["mask"] = (data.warp_images(batch["mask"], warp) > 0.5).float()
         with torch.no_grad():
-            features = source["extractor"](images).float()
-        out = dict(features=features, keypoints=keypoints, visible=visible)
-        if mask is not None:
-            out["mask"] = mask
-        yield out
+            batch["features"] = source["extractor"](batch.pop("image")).to(dtype)
+        yield batch
 
 
-def epoch_order(n, batch_size, generator):
-    """A shuffled pass over n positions, repeated (reshuffled) until it fills at least one batch (few-shot)."""
-    return torch.cat([torch.randperm(n, generator=generator) for _ in range(max(1, math.ceil(batch_size / n)))])
+@torch.no_grad()
+def channel_stats(source, batch_size, device):
+    """Per-channel mean and std (C,) of a source's features over images and locations, summed in float64."""
+    total, total_sq, count = 0.0, 0.0, 0
+    for batch in batches(source, torch.arange(len(source["indices"])), batch_size, device):
+        f = batch["features"].double()  # (B, C, h, w)
+        total, total_sq, count = total + f.sum((0, 2, 3)), total_sq + f.square().sum((0, 2, 3)), count + f[:, 0].numel()
+    mean = total / count
+    return mean.float(), (total_sq / count - mean.square()).clamp(min=0).sqrt().float()
+
+
+def cache_budget(device):
+    """Half of the device's free memory in GB (the host's available memory on a CPU or mps)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2e9
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2e9
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Training and evaluation: a plain loop. `spec` holds what the task needs: task, size (H, W), metric,
 # eye_indices, pck_int_truncation.
 # ---------------------------------------------------------------------------------------------------------
-def make_optimizer(params, recipe, lr, weight_decay, epochs):
-    """Adam + per-epoch schedule. dve: amsgrad, x0.1 at epochs 100 and 250 of 300, scaled to `epochs`;
-    contrastlandmark: betas (0.5, 0.999), cosine over `epochs`."""
-    if recipe == "dve":
+def make_optimizer(params, protocol, lr, weight_decay, epochs, steps_per_epoch):
+    """Adam and a schedule stepped once per STEP. dve: amsgrad, x0.1 at epochs 100 and 250 of 300, scaled to
+    `epochs`; contrastlandmark: betas (0.5, 0.999), cosine over the epochs; default: linear warm-up over the first
+    epoch, then cosine to zero."""
+    if protocol == "dve":
         optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, amsgrad=True)
-        milestones = sorted({max(1, round(epochs * 100 / 300)), max(1, round(epochs * 250 / 300))})
+        milestones = [max(1, round(epochs * m / 300)) * steps_per_epoch for m in (100, 250)]
         return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
-    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, betas=(0.5, 0.999))
-    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
+    total = epochs * steps_per_epoch
+
+    def schedule(step):  # a factor of lr at this step
+        if protocol == "default":  # warm-up over the first epoch, then cosine to zero over every step
+            return min(1.0, (step + 1) / steps_per_epoch) * 0.5 * (1 + math.cos(math.pi * step / total))
+        return 0.5 * (1 + math.cos(math.pi * (step // steps_per_epoch) / epochs))  # per epoch, as the reference
+    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay,
+                                 betas=(0.9, 0.999) if protocol == "default" else (0.5, 0.999))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 def head_loss(head, batch, spec):
@@ -397,15 +393,17 @@ def head_loss(head, batch, spec):
 
 
 @torch.no_grad()
-def evaluate(head, source, spec, batch_size, device):
+def evaluate(head, source, spec, batch_size, device, amp=None):
     """Metrics of `head` on every image of `source` (dict of floats and per-landmark lists)."""
     head.eval()
     outputs = {"pred": [], "gt": [], "visible": [], "iou": []}
-    for batch in batches(source, torch.arange(len(source["indices"])), batch_size, device):
+    for batch in batches(source, torch.arange(len(source["indices"])), batch_size, device, dtype=amp or torch.float32):
+        with data.autocast(torch.device(device), amp):
+            out = head(batch["features"])
         if spec["task"] == "mask":
-            outputs["iou"].append(mask_iou(head(batch["features"]), batch["mask"]).cpu())
+            outputs["iou"].append(mask_iou(out, batch["mask"]).cpu())
             continue
-        outputs["pred"].append(data.to_pixels(head(batch["features"]), spec["size"]).cpu())
+        outputs["pred"].append(data.to_pixels(out, spec["size"]).cpu())
         outputs["gt"].append(batch["keypoints"].cpu())
         outputs["visible"].append(batch["visible"].cpu())
     if spec["task"] == "mask":
@@ -418,41 +416,50 @@ def scalars(metrics):
     return {k: v for k, v in metrics.items() if not isinstance(v, list)}
 
 
-def fit(head, spec, train, val, test, recipe, lr, weight_decay, epochs, batch_size, select_on, augment, device,
-        seed, log=None):
+def fit(head, spec, train, val, test, protocol, lr, weight_decay, epochs, batch_size, select_on, augment, device,
+        seed, log=None, amp=None):
     """Train `head` on frozen features, evaluate val every epoch (and test when selecting on it), restore the
     selected epoch and return {selected_epoch, val, test}. log(record) receives one dict per epoch."""
-    generator = torch.Generator().manual_seed(seed)  # order and warps: CPU draws, identical on every device
-    optimizer, scheduler = make_optimizer(head.parameters(), recipe, lr, weight_decay, epochs)
-    metric, best = spec["metric"], None
+    device = torch.device(device)
+    steps_per_epoch = math.ceil(max(len(train["indices"]), batch_size) / batch_size)
+    optimizer, scheduler = make_optimizer(head.parameters(), protocol, lr, weight_decay, epochs, steps_per_epoch)
+    scaler, metric, best = data.grad_scaler(device, amp), spec["metric"], None
     for epoch in range(1, epochs + 1):
         head.train()
+        generator = data.generator(seed, epoch)  # order and warps: CPU draws, the same on every device
         positions = epoch_order(len(train["indices"]), batch_size, generator)
-        bar = tqdm(batches(train, positions, batch_size, device, augment, generator), leave=False,
+        bar = tqdm(batches(train, positions, batch_size, device, augment, generator, dtype=amp or torch.float32),
+                   leave=False,
                    total=math.ceil(len(positions) / batch_size), desc=f"epoch {epoch}/{epochs}")
-        losses = []
-        for batch in bar:
-            loss = head_loss(head, batch, spec)
+        loss_sum = torch.zeros((), device=device)
+        for step, batch in enumerate(bar):
+            with data.autocast(device, amp):
+                loss = head_loss(head, batch, spec)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        record = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"]}
-        scheduler.step()
-        record["val"] = evaluate(head, val, spec, batch_size, device)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += loss.detach()  # read once per epoch: no host synchronisation per step
+        record = {"epoch": epoch, "loss": loss_sum.item() / (step + 1), "lr": optimizer.param_groups[0]["lr"],
+                  "val": evaluate(head, val, spec, batch_size, device, amp)}
         if select_on == "test":  # ContrastLandmark's practice: looks at the test split every epoch
-            record["test"] = evaluate(head, test, spec, batch_size, device)
+            record["test"] = evaluate(head, test, spec, batch_size, device, amp)
         value = None if select_on == "last" else record[select_on][metric]
         if select_on == "last" or best is None or (value < best["value"] if LOWER_IS_BETTER[metric] else
                                                    value > best["value"]):
             best = dict(value=value, epoch=epoch, state=copy.deepcopy(head.state_dict()), val=record["val"],
                         test=record.get("test"))
         if log is not None:
-            log({k: scalars(v) if isinstance(v, dict) else v for k, v in record.items()})
+            log(record)
     head.load_state_dict(best["state"])
     return {"selected_epoch": best["epoch"], "val": best["val"],
-            "test": best["test"] or evaluate(head, test, spec, batch_size, device)}
+            "test": best["test"] or evaluate(head, test, spec, batch_size, device, amp)}
+
+
+def epoch_order(n, batch_size, generator):
+    """A shuffled pass over n positions, repeated (reshuffled) until it fills at least one batch (few-shot)."""
+    return torch.cat([torch.randperm(n, generator=generator) for _ in range(max(1, math.ceil(batch_size / n)))])
 
 
 def collect_points(source, batch_size, device):
@@ -476,8 +483,7 @@ def plot_predictions(images, pred, gt, visible, masks, path):
     import matplotlib.pyplot as plt
     n = len(images)
     cols = min(n, 4)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.5 * cols, 2.5 * rows), squeeze=False)
+    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(2.5 * cols, 2.5 * math.ceil(n / cols)), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= n:
@@ -521,10 +527,8 @@ def check_flags(args, meta, dataset):
     if args.head == "ridge" and meta["kind"] != "heatmaps":
         problems.append(f"--head ridge needs an extractor of kind 'heatmaps' (K landmark maps); {args.features} "
                         f"is of kind {meta['kind']!r}: use --head dve")
-    if args.head == "ridge" and args.task == "mask":
-        problems.append("--head ridge regresses landmarks; use --head dve with --task mask")
-    if args.head == "ridge" and args.augment:
-        problems.append("--augment needs a trained head; --head ridge is fitted once, in closed form")
+    if args.head == "ridge" and (args.task == "mask" or args.augment):
+        problems.append("--head ridge regresses landmarks once, in closed form: no --task mask, no --augment")
     if args.task == "mask" and not dataset.has_mask:
         problems.append(f"--task mask needs foreground masks and dataset {args.dataset!r} has none; "
                         "use a synthetic dataset")
@@ -569,13 +573,37 @@ class Zoomed(torch.utils.data.Dataset):
         return sample
 
 
+def eye_pair(args, dataset):
+    """(e0, e1) for the IOD: --eyes (names or indices), else the dataset's own, else (a CSV) the two header names
+    that contain 'eye'; None means the dataset is scored by PCK."""
+    names = [n.lower() for n in dataset.landmark_names]
+    if args.eyes:
+        pair = tuple(int(e) if e.isdigit() else names.index(e.lower()) if e.lower() in names else -1 for e in args.eyes)
+        if not all(0 <= e < len(names) for e in pair):
+            raise data.DatasetError(f"--eyes {' '.join(args.eyes)}: expected two of the landmarks "
+                                    f"{', '.join(dataset.landmark_names)} (names or 0-based indices)")
+        return pair
+    if dataset.eye_indices is not None or args.dataset != "csv":
+        return dataset.eye_indices
+    eyes = [i for i, n in enumerate(names) if "eye" in n]
+    return tuple(eyes) if len(eyes) == 2 else None
+
+
 def make_sources(args, extractor):
     """Build train/val/test sources (images in [0, 1], capped by --max-images, zoomed out with --zoom-*)."""
     sources, cap = {}, args.max_images
     if cap is None and args.dataset.startswith("synth-"):
         cap = 500
+    sizes = {"val_size": args.val_size} if args.val_size is not None and args.dataset in VAL_SIZE_DATASETS else {}
     for split in ("train", "val", "test"):
-        dataset = data.make_dataset(args.dataset, split, root=args.data_root, size=args.image_size, normalize=False)
+        try:
+            dataset = data.make_dataset(args.dataset, split, root=args.data_root, size=args.image_size,
+                                        normalize=False, **sizes)
+        except data.DatasetError as error:  # too few images for the held-out validation split: say which flag
+            raise data.DatasetError(f"{error} with --val-size N" if "hold out" in str(error) else str(error))
+        if args.dataset == "csv" or args.eyes:
+            dataset.eye_indices = eye_pair(args, dataset)
+            dataset.metric = "iod" if dataset.eye_indices is not None else "pck"
         zoom = args.zoom_train if split == "train" else args.zoom_test
         if zoom is not None:  # the features are then computed (and cached) from the zoomed images
             dataset = Zoomed(dataset, *zoom, split, args.seed)
@@ -584,18 +612,15 @@ def make_sources(args, extractor):
     return sources
 
 
-def cache_what_fits(sources, per_image, budget_gb, skip, batch_size, with_mask):
-    """Cache splits in order of use (train and val every epoch, test once) while they fit the budget."""
-    budget, cached = budget_gb * 1e9, {}
+def cache_what_fits(sources, per_image, budget_gb, skip, batch_size, with_mask, device):
+    """Cache splits in order of use (train and val every epoch, test once) on `device` while they fit the budget."""
+    budget = budget_gb * 1e9
     for split in ("train", "val", "test"):
         need = per_image * len(sources[split]["indices"])
         if split not in skip and need <= budget:
-            src = sources[split]
-            src["store"] = cache_features(src["extractor"], src["dataset"], src["indices"], batch_size, with_mask,
-                                          src["workers"], f"cache {split}")
-            budget -= need * (src["store"] is not None)
-        cached[split] = sources[split]["store"] is not None
-    return cached
+            sources[split]["store"] = cache_features(sources[split], batch_size, with_mask, device, f"cache {split}")
+            budget -= need * (sources[split]["store"] is not None)
+    return {split: sources[split]["store"] is not None for split in sources}
 
 
 def split_keypoints(source, held=None):
@@ -603,146 +628,141 @@ def split_keypoints(source, held=None):
     (`held`: collect_points' output, or the feature cache); only otherwise are the images read again."""
     held = held or source["store"]
     if held is not None:
-        return held["keypoints"], held["visible"]
+        return held["keypoints"].cpu(), held["visible"].cpu()
     samples = [source["dataset"][i] for i in source["indices"]]
     return torch.stack([x["keypoints"] for x in samples]), torch.stack([x["visible"] for x in samples])
 
 
-def mean_shape_reference(train, test, spec):
-    """What a head that ignores the image scores: every test image is given the mean training shape (each
-    landmark's mean over its visible training instances). A regressor that does not beat it has learnt nothing
-    from the features; on aligned faces it is a strong baseline. train, test: (keypoints, visible) pairs."""
-    (train_kp, train_vis), (test_kp, test_vis) = train, test
-    weights = train_vis.float().unsqueeze(-1)  # (N, nA, 1)
-    mean = (train_kp * weights).sum(0) / weights.sum(0).clamp(min=1)  # (nA, 2)
-    return landmark_metrics(mean.expand_as(test_kp), test_kp, test_vis, spec["size"], spec["eye_indices"],
-                            spec["pck_int_truncation"])
+def make_head(args, channels, n_landmarks, size, train, device):
+    """DVE's regressor (or the mask head) for the protocol: with --standardize, behind the fixed standardisation of
+    the training features `train` (a source), scaled by sqrt(C) so that a location's descriptor has unit mean
+    squared norm whatever C is; the default protocol starts the weights at 1 / softargmax-mul, so that the
+    responses enter the softmax at unit scale and its gradient reaches every location (N(0, 1) leaves it an
+    arg-max at a random cell, whose gradient is ~0 elsewhere: measured slower, docs/evaluation.md)."""
+    init_std = 1.0 / args.softargmax_mul if args.protocol == "default" else 1.0
+    head = (MaskHead(channels, size) if args.task == "mask" else
+            DVERegressor(channels, n_landmarks, args.intermediate_points, args.softargmax_mul, init_std))
+    if args.standardize:
+        mean, std = channel_stats(train, args.batch_size, device)
+        set_stats(head, mean, std * channels ** 0.5)
+    return head.to(device)
 
 
-def ridge_predict(points, W, size):
-    """points (N, K, 2) normalised, W (2K, 2nA) -> predicted landmarks (N, nA, 2) in pixels."""
-    return data.to_pixels((points.flatten(1).double() @ W).float().view(len(points), -1, 2), size)
-
-
-def run(args):
-    """The whole evaluation for parsed arguments; returns the results dict (also written to results.json)."""
+def setup(args):
+    """Name, device, seeds, extractor, sources (with what fits cached), checks, run directory and task spec."""
     zooms = "".join(f"-zoom{split}{zoom[0]:g}-{zoom[1]:g}" for split, zoom in (("train", args.zoom_train),
                                                                              ("test", args.zoom_test)) if zoom)
     args.name = args.name or (default_name(args.features, args.dataset) + "-mask" * (args.task == "mask")
-                              + "-ridge" * (args.head == "ridge") + "-fewshot" * bool(args.annotations) + zooms)
-    start = time.time()
-    device = pick_device(args.device)
-    seed_everything(args.seed)
+                              + "-ridge" * (args.head == "ridge") + "-fewshot" * bool(args.annotations)
+                              + f"-{args.protocol}" * (args.protocol != "default") + zooms)
+    device = data.choose_device(args.device)
+    data.seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     # The softmax of 100 x response underflows to denormal floats, on which CPUs are ~100x slower: flushing them to
     # zero made DVE's head 6x faster per step on CPU (measured), and changes nothing above 1e-38.
     torch.set_flush_denormal(True)
+    args.workers = data.default_workers(device) if args.workers is None else args.workers
+    args.augment = (bool(args.annotations) and args.head == "dve") if args.augment is None else args.augment
     extractor = data.load_extractor(args.features, device)
     sources = make_sources(args, extractor)
-    meta, train_ds, test_src = extractor.meta, sources["train"]["dataset"], sources["test"]
-    check_flags(args, meta, train_ds)
-    run_dir = make_run_dir("regress", args)
-    fingerprint = extractor.state_fingerprint()
-    few_shot = args.annotations is not None
-    augment = (few_shot and args.head == "dve") if args.augment is None else args.augment
+    train_ds = sources["train"]["dataset"]
+    check_flags(args, extractor.meta, train_ds)
+    if args.annotations and max(args.annotations) > len(sources["train"]["indices"]):
+        sys.exit(f"error: --annotations {max(args.annotations)} exceeds the {len(sources['train']['indices'])} "
+                 f"training images in use")
     metric = "iou" if args.task == "mask" else {"iod": "iod", "pck": "pck"}.get(train_ds.metric, "error_px")
     metric = "error_px" if metric == "iod" and train_ds.eye_indices is None else metric
-    size = (args.image_size, args.image_size)
-    spec = dict(task=args.task, size=size, metric=metric, eye_indices=train_ds.eye_indices,
+    spec = dict(task=args.task, size=(args.image_size,) * 2, metric=metric, eye_indices=train_ds.eye_indices,
                 pck_int_truncation=args.pck_int_truncation)
+    run_dir = data.start_run(args.runs_dir, "regress", args.name, "regress", args, resume=True)
+    return device, extractor, sources, spec, run_dir
 
-    # One random training subset per (N, seed), drawn from the seed alone (subsets of different N are not nested).
-    n_train = len(sources["train"]["indices"])
-    if few_shot and max(args.annotations) > n_train:
-        sys.exit(f"error: --annotations {max(args.annotations)} exceeds the {n_train} training images in use")
-    sizes = args.annotations or [n_train]
-    subsets = {(n, s): (sorted(torch.randperm(n_train, generator=torch.Generator().manual_seed(args.seed + s))[:n]
-                               .tolist()) if few_shot else list(range(n_train)))
-               for n in sizes for s in range(args.seeds)}
+
+def plot_test_images(args, spec, source, extractor, head, ridge_pred, path):
+    """The last run's head (or ridge predictions) on the first --plot-images test images -> predictions.png."""
+    samples = [source["dataset"][i] for i in source["indices"][:args.plot_images]]
+    images = torch.stack([x["image"] for x in samples])
+    gt, visible = torch.stack([x["keypoints"] for x in samples]), torch.stack([x["visible"] for x in samples])
     with torch.no_grad():
-        probe = extractor(test_src["dataset"][test_src["indices"][0]]["image"][None])  # (1, C, h, w)
-    per_image = probe[0].numel() * 2 + (size[0] * size[1] if args.task == "mask" else 0)  # float16 + bool mask
-    skip = ("train", "val", "test") if args.head == "ridge" else ("train",) if augment else ()
-    cached = cache_what_fits(sources, per_image, args.cache_budget_gb, skip, args.batch_size, args.task == "mask")
-    print(f"features {tuple(probe.shape[1:])} of kind {meta['kind']} ({meta['method']}/{meta['variant']}); "
-          f"float16 cache: {', '.join(s for s in cached if cached[s]) or 'none'}; streamed: "
-          f"{', '.join(s for s in cached if not cached[s]) or 'none'}")
+        out = None if ridge_pred is not None else head.eval()(extractor(images).float()).cpu()
+    pred = ridge_pred[:len(samples)] if ridge_pred is not None else (
+        data.to_pixels(out, spec["size"]) if args.task == "landmarks" else None)
+    plot_predictions(images, pred, gt, visible, torch.sigmoid(out) if args.task == "mask" else None, path)
+
+
+def run(args):
+    """The whole evaluation for parsed arguments; returns the results dict (also written to results.json)."""
+    start = time.time()
+    device, extractor, sources, spec, run_dir = setup(args)
+    meta, train_ds, test_src, metric = extractor.meta, sources["train"]["dataset"], sources["test"], spec["metric"]
+    fingerprint, amp = extractor.state_fingerprint(), data.amp_dtype(device, args.amp)
+    channels = meta["channels"]
+    per_image = channels * math.prod(meta["output_size"]) * 2 + (
+        args.image_size ** 2 if args.task == "mask" else 0)  # bytes: float16 features and a bool mask
+    # Cached: what is read every epoch (train unless warped, val); test is read once unless selected on.
+    skip = ("train", "val", "test") if args.head == "ridge" else ("train",) * args.augment + ("test",) * (
+        args.select_on != "test")
+    budget = cache_budget(device) if args.cache_budget_gb is None else args.cache_budget_gb
+    cached = cache_what_fits(sources, per_image, budget, skip, args.batch_size, args.task == "mask", device)
+    print(f"features {channels} x {meta['output_size']} of kind {meta['kind']} ({meta['method']}/{meta['variant']}); "
+          f"float16 cache on {device.type}: {', '.join(s for s in cached if cached[s]) or 'none'}; protocol "
+          f"{args.protocol}")
     if args.head == "ridge":  # the K discovered points of every image, computed once
         points = {split: collect_points(sources[split], args.batch_size, device) for split in ("train", "test")}
 
-    runs = []
-    for (n, s), subset in subsets.items():
-        seed_everything(args.seed + s)
-        rows = torch.tensor(subset)
+    # One run per (N, seed); its random training subset is drawn from the seed alone (sizes are not nested).
+    n_train, sizes, runs, head, ridge_pred = len(sources["train"]["indices"]), args.annotations, [], None, None
+    for n, s in [(n, s) for n in (sizes or [n_train]) for s in range(args.seeds)]:
+        data.seed_everything(args.seed + s)
+        subset = (sorted(torch.randperm(n_train, generator=data.generator(args.seed + s))[:n].tolist()) if sizes
+                  else list(range(n_train)))
         if args.head == "ridge":
-            tr, te = points["train"], points["test"]
-            W = fit_ridge_head(tr["points"][rows], data.to_normalised(tr["keypoints"][rows], size),
+            tr, te, rows = points["train"], points["test"], torch.tensor(subset)
+            W = fit_ridge_head(tr["points"][rows], data.to_normalised(tr["keypoints"][rows], spec["size"]),
                                tr["visible"][rows], args.ridge_alpha)
-            test_pred = ridge_predict(te["points"], W, size)
+            ridge_pred = ridge_predict(te["points"], W, spec["size"])
             result = {"selected_epoch": None, "val": None, "test": landmark_metrics(
-                test_pred, te["keypoints"], te["visible"], size, spec["eye_indices"], args.pck_int_truncation)}
+                ridge_pred, te["keypoints"], te["visible"], spec["size"], spec["eye_indices"], args.pck_int_truncation)}
         else:
             full = sources["train"]
-            train = dict(full, indices=[full["indices"][r] for r in subset],
-                         store=None if full["store"] is None else {k: v[rows] for k, v in full["store"].items()})
-            head = (MaskHead(probe.shape[1], size) if args.task == "mask" else
-                    DVERegressor(probe.shape[1], train_ds.num_landmarks, args.intermediate_points,
-                                 args.softargmax_mul)).to(device)
-            lr, wd = (args.few_shot_lr, args.few_shot_weight_decay) if few_shot else (args.lr, args.weight_decay)
-
-            def log(record):  # one JSON line and one printed line per epoch
-                log_json(run_dir, {"annotations": n, "seed": args.seed + s, **record})
-                tqdm.write(f"N={n} seed={args.seed + s} epoch {record['epoch']}/{args.epochs}: loss "
-                           f"{record['loss']:.4f}, val {metric} {record['val'][metric]:.3f}")
-            result = fit(head, spec, train, sources["val"], test_src, args.optim, lr, wd, args.epochs, args.batch_size,
-                         args.select_on, augment, device, args.seed + s, log)
+            train = dict(full, indices=[full["indices"][r] for r in subset], store=None if full["store"] is None
+                         else {k: v[torch.tensor(subset, device=v.device)] for k, v in full["store"].items()})
+            head = make_head(args, channels, train_ds.num_landmarks, spec["size"], train, device)
+            lr, wd = (args.few_shot_lr, args.few_shot_weight_decay) if sizes else (args.lr, args.weight_decay)
+            log = lambda r: data.log(run_dir, "regress", {"annotations": n, "seed": args.seed + s, "epoch": r["epoch"],  # noqa: E731
+                                                          "loss": r["loss"], f"val_{metric}": r["val"][metric]})
+            result = fit(head, spec, train, sources["val"], test_src, args.protocol, lr, wd, args.epochs,
+                         args.batch_size, args.select_on, args.augment, device, args.seed + s, log, amp)
         runs.append({"annotations": n, "seed": args.seed + s, **result})
         selected = f" (epoch {result['selected_epoch']}, selected on {args.select_on})" if result["val"] else ""
         print(f"N={n} seed={args.seed + s}: test {metric} {result['test'][metric]:.3f}{selected}")
-
     # The extractor only ever ran under no_grad and was never given to an optimiser: prove it did not change.
     assert_frozen(fingerprint, extractor.state_fingerprint())
 
     table = [{"annotations": n, "mean": float(np.mean(v)), "std": float(np.std(v)), "runs": len(v)}
-             for n in sizes for v in [[r["test"][metric] for r in runs if r["annotations"] == n]]]
-    if len(sizes) > 1:
+             for n in (sizes or [n_train]) for v in [[r["test"][metric] for r in runs if r["annotations"] == n]]]
+    if sizes and len(sizes) > 1:
         plot_few_shot(table, metric, os.path.join(run_dir, "few_shot.png"))
-    if args.plot_images > 0:  # the last run's head on the first test images
-        samples = [test_src["dataset"][i] for i in test_src["indices"][:args.plot_images]]
-        images = torch.stack([x["image"] for x in samples])
-        gt, visible = torch.stack([x["keypoints"] for x in samples]), torch.stack([x["visible"] for x in samples])
-        pred = masks = None
-        with torch.no_grad():
-            if args.head == "ridge":
-                pred = test_pred[:len(samples)]
-            elif args.task == "landmarks":
-                pred = data.to_pixels(head.eval()(extractor(images).float()), size).cpu()
-            else:
-                masks = torch.sigmoid(head.eval()(extractor(images).float())).cpu()
-        plot_predictions(images, pred, gt, visible, masks, os.path.join(run_dir, "predictions.png"))
-
-    reference = None
-    if args.task == "landmarks":
-        held = points if args.head == "ridge" else {}
-        reference = mean_shape_reference(*[split_keypoints(sources[s], held.get(s)) for s in ("train", "test")], spec)
-    results = {"settings": vars(args), "extractor": meta,
+    if args.plot_images > 0:
+        plot_test_images(args, spec, test_src, extractor, head, ridge_pred, os.path.join(run_dir, "predictions.png"))
+    reference = None if args.task == "mask" else mean_shape_reference(*[split_keypoints(
+        sources[s], points[s] if args.head == "ridge" else None) for s in ("train", "test")], spec)
+    selection = ("closed form, no epochs" if args.head == "ridge" else f"epoch with the best validation {metric}"
+                 if args.select_on == "val" else "last epoch (DVE's practice)" if args.select_on == "last" else
+                 f"epoch with the best TEST {metric} (ContrastLandmark's practice, optimistic)")
+    results = {"settings": vars(args), "extractor": meta, "metric": metric, "lower_is_better": LOWER_IS_BETTER[metric],
                "dataset": {"name": args.dataset, **{s: len(sources[s]["indices"]) for s in sources},
                            "landmark_names": list(train_ds.landmark_names), "eye_indices": train_ds.eye_indices},
-               "metric": metric, "lower_is_better": LOWER_IS_BETTER[metric], "augment": augment, "cached": cached,
-               "selection": ("closed form, no epochs" if args.head == "ridge" else
-                             f"epoch with the best validation {metric}" if args.select_on == "val" else
-                             "last epoch (DVE's practice)" if args.select_on == "last" else
-                             f"epoch with the best TEST {metric} (ContrastLandmark's practice, optimistic)"),
-               "runs": runs, "table": table, "mean_shape": reference, "frozen_extractor_unchanged": True,
-               "seconds": time.time() - start}
+               "augment": args.augment, "cached": cached, "selection": selection, "runs": runs, "table": table,
+               "mean_shape": reference, "frozen_extractor_unchanged": True, "seconds": time.time() - start}
     with open(os.path.join(run_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    shown = "; ".join(f"N={r['annotations']}: {r['mean']:.2f} +- {r['std']:.2f}" if few_shot or args.seeds > 1
+    shown = "; ".join(f"N={r['annotations']}: {r['mean']:.2f} +- {r['std']:.2f}" if sizes or args.seeds > 1
                       else f"{r['mean']:.2f}" for r in table)
     baseline = f"; the mean training shape scores {reference[metric]:.2f}" if reference else ""
-    print(f"regress {args.name}: test {metric} {shown} ({args.task}, head {args.head}, "
-          f"{results['selection']}{baseline}) in {time.time() - start:.0f} s -> {run_dir}")
+    print(f"regress {args.name}: test {metric} {shown} ({args.task}, head {args.head}, protocol {args.protocol}, "
+          f"{selection}{baseline}) in {time.time() - start:.0f} s -> {run_dir}")
     return results
 
 

@@ -35,8 +35,8 @@ def small_extractor(path):
 
 def source(extractor, split, n, cached, with_mask):
     dataset = data.make_dataset("synth-faces", split, normalize=False, length=n)
-    store = regress.cache_features(extractor, dataset, range(n), BATCH, with_mask) if cached else None
-    return dict(dataset=dataset, indices=list(range(n)), store=store, extractor=extractor, workers=0)
+    source = dict(dataset=dataset, indices=list(range(n)), store=None, extractor=extractor, workers=0)
+    return dict(source, store=regress.cache_features(source, BATCH, with_mask, "cpu") if cached else None)
 
 
 def seconds_per_epoch(task, train, val, test):

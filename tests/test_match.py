@@ -164,7 +164,7 @@ def test_end_to_end_both_variants_equivariance_and_groups(tmp_path):
     assert results["matching"]["a"]["same"]["landmarks"] + results["matching"]["a"]["same"]["skipped"] == 30
     assert set(results["equivariance"]) == {"a", "a:low", "a:high"}
     assert len(results["equivariance"]["a"]["acc"]) == 21
-    for name in ("matches.png", "equivariance.png", "results.json", "args.json", "log.jsonl"):
+    for name in ("matches.png", "equivariance.png", "results.json", "args_match.json", "log_match.jsonl"):
         assert (run_dir / name).stat().st_size > 0
     results = match.main(["--features", a, b, *common, "--variant", "contrastlandmark", "--name", "two"])
     saved = json.loads((tmp_path / "runs" / "match" / "two" / "results.json").read_text())

@@ -94,7 +94,7 @@ def test_soft_argmax_of_a_peak_is_its_grid_location():
 
 
 def test_regressor_equals_a_naive_loop_over_landmarks_and_points():
-    """PROTOCOL.md section 1, written out one landmark and one intermediate point at a time."""
+    """DVE's regressor (regress.py docstring), written out one landmark and one intermediate point at a time."""
     torch.manual_seed(0)
     C, nA, nI, h, w = 4, 3, 5, 6, 7
     head = regress.DVERegressor(C, nA, nI, softargmax_mul=100.0)
@@ -143,17 +143,38 @@ def test_ridge_equals_lstsq():
     assert np.allclose(W2.numpy(), reference, atol=1e-10)
 
 
-def test_dve_milestones_scale_with_epochs():
-    """lr x0.1 at epochs 100 and 250 of 300 -> 10 and 25 of 30."""
+def test_schedules_per_step():
+    """dve: lr x0.1 at epochs 100 and 250 of 300 -> 10 and 25 of 30 (here 2 steps per epoch), amsgrad; default: a
+    linear warm-up over the first epoch to the full rate, then a cosine decay to zero by the last step."""
     param = nn.Parameter(torch.zeros(1))
-    optimizer, scheduler = regress.make_optimizer([param], "dve", 1e-3, 5e-4, 30)
-    lrs = []
-    for _ in range(30):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    assert lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-4) and lrs[25] == pytest.approx(1e-5)
-    assert optimizer.defaults["amsgrad"]
+    lrs = {}
+    for protocol in ("dve", "default"):
+        optimizer, scheduler = regress.make_optimizer([param], protocol, 1e-3, 5e-4, 30, 2)
+        lrs[protocol] = []
+        for _ in range(60):
+            lrs[protocol].append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        if protocol == "dve":
+            assert optimizer.defaults["amsgrad"]
+    dve, default = lrs["dve"], lrs["default"]
+    assert dve[19] == pytest.approx(1e-3) and dve[20] == pytest.approx(1e-4) and dve[50] == pytest.approx(1e-5)
+    assert default[0] == pytest.approx(5e-4, rel=1e-3) and default[1] == pytest.approx(1e-3, rel=1e-2)
+    assert all(a > b for a, b in zip(default[1:], default[2:])) and default[-1] < 1e-5
+
+
+def test_standardized_conv_is_the_conv_of_standardized_features():
+    """Folding (f - mean) / std into the weight and bias gives the same maps as standardising the features."""
+    torch.manual_seed(0)
+    conv = regress.StandardizedConv(6, 4, bias=True)
+    features = torch.randn(2, 6, 5, 5) * torch.linspace(0.1, 10, 6).view(1, 6, 1, 1) + 3
+    mean, std = regress.channel_stats(dict(store=dict(features=features, keypoints=torch.zeros(2, 0, 2),
+                                                      visible=torch.zeros(2, 0).bool()), indices=[0, 1]), 2, "cpu")
+    assert torch.allclose(mean, features.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(std, features.transpose(0, 1).flatten(1).std(1, unbiased=False), atol=1e-5)
+    reference = F.conv2d((features - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1), conv.weight, conv.bias)
+    regress.set_stats(conv, mean, std)
+    assert torch.allclose(conv(features), reference, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -182,6 +203,40 @@ def test_oracle_features_regress_well_and_random_features_do_not():
     assert results["oracle"]["error_px"] < 1.0
     assert results["random"]["error_px"] > 4.0
     assert results["random"]["iod"] > 5 * results["oracle"]["iod"]
+
+
+def fit_default(train, val, test, spec, epochs=10, batch_size=16, *flags):
+    """regress.py's default protocol (standardised features, warm-up and cosine, bf16) on cached sources."""
+    args = regress.parse_args(["--features", "-", "--epochs", str(epochs), "--batch-size", str(batch_size), *flags])
+    torch.manual_seed(0)
+    head = regress.make_head(args, train["store"]["features"].shape[1], 5, spec["size"], train, "cpu")
+    return regress.fit(head, spec, train, val, test, args.protocol, args.lr, args.weight_decay, epochs, batch_size,
+                       args.select_on, False, "cpu", seed=0, amp=torch.bfloat16)["test"]
+
+
+def test_default_beats_the_mean_shape_and_channel_scale_does_not_decide():
+    """A known-good hypercolumn-like map at 64 px (32x32 cells, stride 2 as DVE's): one Gaussian bump per landmark
+    plus 3 channels of smooth noise. The default protocol beats the mean training shape by far (the oracle's floor is
+    the cell, ~0.8 px), and multiplying every channel by its own constant in 0.1-10 (as a hypercolumn's layers
+    differ) changes the result by less than 2 %: the features are standardised with statistics that scale alike.
+    Without the standardisation the same rescaling moves the result by more."""
+    spec = dict(task="landmarks", size=(64, 64), metric="iod", eye_indices=(0, 1), pck_int_truncation=False)
+    scales = 10 ** (torch.rand(8, generator=torch.Generator().manual_seed(1)) * 2 - 1)  # (8,) in 0.1..10
+    results = {}
+    for scaled in (False, True):
+        def features(kp):
+            noise = torch.randn(len(kp), 3, 32, 32, generator=torch.Generator().manual_seed(len(kp)))
+            noise = F.avg_pool2d(noise, 5, 1, 2)  # spatially smooth, as real features are
+            f = torch.cat([gaussian_bumps(kp, 64, 32, sigma=2.0), noise], 1)  # (N, 8, 32, 32)
+            return f * scales.view(1, -1, 1, 1) if scaled else f
+        train, val, test = (synthetic_store(s, n, 64, features) for s, n in (("train", 96), ("val", 32), ("test", 48)))
+        results[scaled] = fit_default(train, val, test, spec, 20)
+        results["raw", scaled] = fit_default(train, val, test, spec, 20, 16, "--no-standardize")
+    reference = regress.mean_shape_reference(regress.split_keypoints(train), regress.split_keypoints(test), spec)
+    print({k: round(v["iod"], 3) for k, v in results.items()}, "mean shape", round(reference["iod"], 3))
+    assert results[False]["iod"] < 0.6 * reference["iod"]
+    assert abs(results[True]["iod"] - results[False]["iod"]) < 0.02 * results[False]["iod"]
+    assert abs(results["raw", True]["iod"] - results["raw", False]["iod"]) > 0.02 * results["raw", False]["iod"]
 
 
 def test_epoch_selection_on_val_last_and_test():
@@ -225,8 +280,8 @@ def test_frozen_assertion_fires_when_the_extractor_changes(tmp_path):
 def test_cached_features_equal_streamed_features(tmp_path):
     extractor = data.load_extractor(export_tiny(tmp_path / "tiny.pt2"))
     dataset = data.make_dataset("synth-faces", "val", normalize=False, length=10)
-    store = regress.cache_features(extractor, dataset, range(10), 4, with_mask=True)
     source = dict(dataset=dataset, indices=list(range(10)), store=None, extractor=extractor, workers=0)
+    store = regress.cache_features(source, 4, True, "cpu")
     streamed = list(regress.batches(source, torch.arange(10), 4, "cpu"))
     assert store["features"].dtype == torch.float16 and store["features"].shape == (10, 6, 24, 24)
     assert torch.allclose(store["features"].float(), torch.cat([b["features"] for b in streamed]), rtol=1e-3, atol=1e-3)
@@ -238,7 +293,8 @@ def test_cached_features_equal_streamed_features(tmp_path):
 # End to end
 # ------------------------------------------------------------------------------------------------------------
 def run(tmp_path, *flags):
-    return regress.main(["--runs-dir", str(tmp_path / "runs"), "--device", "cpu", "--batch-size", "8", *flags])
+    return regress.main(["--runs-dir", str(tmp_path / "runs"), "--device", "cpu", "--batch-size", "8", "--workers", "0",
+                         *flags])
 
 
 def test_end_to_end_full_training_set(tmp_path):
@@ -246,9 +302,9 @@ def test_end_to_end_full_training_set(tmp_path):
     results = run(tmp_path, "--features", path, "--max-images", "16", "--epochs", "2", "--plot-images", "2")
     run_dir = tmp_path / "runs" / "regress" / "tiny-synth-faces"
     assert json.loads((run_dir / "results.json").read_text())["metric"] == "iod"
-    assert len((run_dir / "log.jsonl").read_text().splitlines()) == 2  # one line per epoch
-    assert (run_dir / "predictions.png").stat().st_size > 0 and (run_dir / "args.json").exists()
-    assert results["cached"] == {"train": True, "val": True, "test": True}
+    assert len((run_dir / "log_regress.jsonl").read_text().splitlines()) == 2  # one line per epoch
+    assert (run_dir / "predictions.png").stat().st_size > 0 and (run_dir / "args_regress.json").exists()
+    assert results["cached"] == {"train": True, "val": True, "test": False}  # test is read once: streamed
     assert results["runs"][0]["selected_epoch"] in (1, 2) and results["frozen_extractor_unchanged"]
     assert len(results["runs"][0]["test"]["iod_per_landmark"]) == 5
 
