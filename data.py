@@ -3,7 +3,7 @@
 The method files (moco_hypercol.py, byol_lead.py, equiv_pretrain.py) and the evaluation (regress.py, match.py)
 all import this one module. Its sections, in reading order:
 
-1. constants and the sample format every dataset follows;
+1. constants of every dataset, and the error a user can cause;
 2. built-in synthetic landmark data (faces like MAFL and 300W, birds like CUB), drawn on the fly;
 3. real datasets, read from the layouts their users have on disk;
 4. warps (thin-plate spline, affine, elastic) that move images and points together, exactly;
@@ -12,16 +12,9 @@ all import this one module. Its sections, in reading order:
 7. what the method files share: the NMF baseline and the run helpers;
 8. the command line: `python data.py preview --dataset synth-faces-wild --out preview.png` draws samples.
 
-Sample format: ``dataset[i]`` is a dict with
-  image      float32 (3, H, W), normalised with ``dataset.mean`` and ``dataset.std`` (RGB in [0, 1] with
-             ``normalize=False``);
-  keypoints  float32 (K, 2), (x, y) in pixels of the final image, pixel centres at integer coordinates, so
-             ``2 * kp / (W - 1) - 1`` is the ``grid_sample(align_corners=True)`` coordinate; K = 0 when unlabelled;
-  visible    bool (K,);  identity  int (-1 when unknown);  index  int;
-  mask       float32 (1, H, W) in {0, 1}, the exact foreground (only where ``dataset.has_mask``).
-Every dataset also has: name, mean, std, size (H, W), num_landmarks, landmark_names, eye_indices (the pair of the
-inter-ocular error, or None), metric ("iod", "pck" or None), has_mask, poses_per_identity (indices P*j .. P*j+P-1
-share an identity; 1 when unknown). docs/protocol.md states the evaluation protocol and the dataset layouts.
+Every dataset follows the sample format of docs/protocol.md (section 1): ``dataset[i]`` is a dict with image
+(3, H, W), keypoints (K, 2) in pixels (centres at integers), visible (K,), identity, index, and, where
+``dataset.has_mask``, the exact foreground mask; docs/protocol.md also states the evaluation protocol and layouts.
 """
 import argparse
 import csv
@@ -44,7 +37,7 @@ from torch.utils.data import Dataset
 import torchvision.transforms.functional as TF
 
 # =========================================================================================================
-# 1. Constants of every dataset (the sample format is in the module docstring)
+# 1. Constants of every dataset
 # =========================================================================================================
 FACE_MEAN = (0.5084, 0.4224, 0.3769)  # DVE's statistics of aligned CelebA, for every face dataset
 FACE_STD = (0.2599, 0.2371, 0.2323)
