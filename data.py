@@ -622,15 +622,15 @@ class SyntheticBirds(_Synthetic):
                             keypoints, visible, with_labels)
 
 
-def contact_sheet(dataset, path, n=16, indices=None, columns=None, show_mask=False):
-    """Save a PNG grid of samples (any dataset of data.py; `indices`, or the first n) with their landmarks:
-    filled dots are visible, hollow circles invisible; `show_mask` outlines the foreground mask."""
+def contact_sheet(dataset, path, n=16):
+    """Save a PNG grid of the first n samples of any dataset of data.py with their landmarks: filled dots are
+    visible, hollow circles invisible."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    indices = list(range(min(n, len(dataset)))) if indices is None else list(indices)
-    columns = columns or math.ceil(math.sqrt(len(indices)))
+    indices = range(min(n, len(dataset)))
+    columns = math.ceil(math.sqrt(len(indices)))
     rows = math.ceil(len(indices) / columns)
     figure = Figure(figsize=(2.2 * columns, 2.3 * rows), dpi=110)
     FigureCanvasAgg(figure)
@@ -641,8 +641,6 @@ def contact_sheet(dataset, path, n=16, indices=None, columns=None, show_mask=Fal
         if getattr(dataset, "normalize", True):
             image = image * torch.tensor(dataset.std).view(3, 1, 1) + torch.tensor(dataset.mean).view(3, 1, 1)
         axes.imshow(image.clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")  # centres at integers
-        if show_mask and "mask" in sample:
-            axes.contour(sample["mask"][0].numpy(), levels=[0.5], colors="white", linewidths=0.6)
         points, seen = sample["keypoints"].numpy(), sample["visible"].numpy().astype(bool)
         dot = 7 if len(points) <= 15 else 3
         axes.scatter(*points[seen].T, s=dot, c=colours[seen], edgecolors="black", linewidths=0.4)
@@ -1261,16 +1259,13 @@ def in_frame(points_px, size, margin=0.0):
     squares around integer centres) shrunk by ``margin`` pixels; False for NaN."""
     H, W = _hw(size)
     x, y = points_px.unbind(-1)
-    lo = margin - 0.5
-    return (x >= lo) & (y >= lo) & (x <= W - 0.5 - margin) & (y <= H - 0.5 - margin)
+    return (x >= margin - 0.5) & (y >= margin - 0.5) & (x <= W - 0.5 - margin) & (y <= H - 0.5 - margin)
 
 
 def identity_grid(H, W, device="cpu", dtype=torch.float32):
     """(H, W, 2) normalised (x, y) of every pixel centre: the sampling grid of the identity warp."""
-    ys = torch.linspace(-1.0, 1.0, H, device=device, dtype=dtype)
-    xs = torch.linspace(-1.0, 1.0, W, device=device, dtype=dtype)
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack((gx, gy), dim=-1)
+    xs, ys = (torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype) for n in (W, H))
+    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)
 
 
 def _draw(sampler, generator, *shape):
@@ -1427,34 +1422,32 @@ class TPSWarp(Warp):
         return g.reshape(H, W, self.n, 2).permute(2, 0, 1, 3)
 
 
-def random_tps(n, preset="pair", generator=None, device="cpu", dtype=torch.float32, nonrigid_scale=1.0,
-               affine_scale=1.0):
+def random_tps(n, preset="pair", generator=None, device="cpu", dtype=torch.float32, nonrigid_scale=1.0):
     """N random TPS warps as DVE draws them (docs/protocol.md, section 5), with the sds of ``TPS_PRESETS[preset]``,
-    the non-rigid ones times ``nonrigid_scale`` and the affine ones times ``affine_scale`` (DVE's im1_multiplier
-    and im1_multiplier_aff)."""
+    the non-rigid ones times ``nonrigid_scale`` (DVE's im1_multiplier)."""
     if preset not in TPS_PRESETS:
         raise ValueError(f"TPS preset must be one of {sorted(TPS_PRESETS)}, got {preset!r}.")
     p = TPS_PRESETS[preset]
     nonrigid = _draw(torch.randn, generator, n, 100, 2) * (nonrigid_scale * p["sd_all"])
     redrawn = _draw(torch.randn, generator, n, 100, 2) * (nonrigid_scale * p["sd_subset"])
     nonrigid = torch.where(_draw(torch.rand, generator, n, 100, 2) < 0.5, redrawn, nonrigid)
-    rot = _draw(torch.randn, generator, n) * (affine_scale * p["rot_sd"] * math.pi / 180.0)
-    scale = 1.0 + _draw(torch.randn, generator, n) * (affine_scale * p["scale_sd"])
-    trans = _draw(torch.randn, generator, n, 2) * (affine_scale * p["trans_sd"])
+    rot = _draw(torch.randn, generator, n) * (p["rot_sd"] * math.pi / 180.0)
+    scale = 1.0 + _draw(torch.randn, generator, n) * p["scale_sd"]
+    trans = _draw(torch.randn, generator, n, 2) * p["trans_sd"]
     cos, sin = scale * torch.cos(rot), scale * torch.sin(rot)
     affine = torch.stack((trans, torch.stack((cos, -sin), -1), torch.stack((sin, cos), -1)), dim=1)  # (n, 3, 2)
     return TPSWarp(_on(torch.cat((nonrigid, affine), dim=1), device, dtype))
 
 
 class TPSPair(NamedTuple):
-    """``tps_training_pair``'s result: image1 = input warped by ``warp1``; image2 = image1 warped by ``warp12``.
-    ``warp12.grid(H, W)`` gives every pixel of image 2 its location in image 1 (DVE's ``grid``)."""
-    image1: torch.Tensor  # (N, C, H, W)
-    image2: torch.Tensor  # (N, C, H, W)
-    points1: Optional[torch.Tensor]  # (N, K, 2) pixels in image 1, or None
-    points2: Optional[torch.Tensor]  # (N, K, 2) pixels in image 2, or None
-    warp1: TPSWarp  # input -> image 1
-    warp12: TPSWarp  # image 1 -> image 2
+    """image1 (N, C, H, W) = the input warped by warp1; image2 = image1 warped by warp12, whose grid(H, W) gives
+    every pixel of image 2 its location in image 1 (DVE's ``grid``); points1, points2 (N, K, 2) or None."""
+    image1: torch.Tensor
+    image2: torch.Tensor
+    points1: Optional[torch.Tensor]
+    points2: Optional[torch.Tensor]
+    warp1: TPSWarp
+    warp12: TPSWarp
 
 
 def tps_training_pair(images, points=None, generator=None, preset="pair"):
@@ -1469,12 +1462,9 @@ def tps_training_pair(images, points=None, generator=None, preset="pair"):
     warp1 = random_tps(n, preset, nonrigid_scale=0.5 if preset == "pair" else 1.0, **kw)
     warp12 = random_tps(n, preset, **kw)
     image1 = warp_images(images, warp1)
-    image2 = warp_images(image1, warp12)
-    points1 = points2 = None
-    if points is not None:
-        points1 = warp_points(points, warp1, (H, W))
-        points2 = warp_points(points1, warp12, (H, W))
-    return TPSPair(image1, image2, points1, points2, warp1, warp12)
+    points1 = None if points is None else warp_points(points, warp1, (H, W))
+    points2 = None if points is None else warp_points(points1, warp12, (H, W))
+    return TPSPair(image1, warp_images(image1, warp12), points1, points2, warp1, warp12)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1489,17 +1479,13 @@ def _invert_affine(theta):
 
 class AffineWarp(Warp):
     """backward(u) = A u + t, ``theta`` = [A | t] (N, 2, 3), the matrix ``F.affine_grid`` takes (output ->
-    input). ``AffineWarp.from_forward(m)`` builds it from the input -> output matrix."""
+    input)."""
 
     def __init__(self, theta):
         if theta.dim() != 3 or theta.shape[1:] != (2, 3):
             raise ValueError(f"Affine theta must have shape (N, 2, 3), got {tuple(theta.shape)}.")
         super().__init__(theta.shape[0], theta.device, theta.dtype)
         self.theta = theta
-
-    @classmethod
-    def from_forward(cls, matrix):
-        return cls(_invert_affine(matrix))
 
     def backward(self, uv):
         return uv @ self.theta[:, :, :2].transpose(1, 2) + self.theta[:, None, :, 2]  # u A^T + t
@@ -1523,7 +1509,7 @@ def random_affine(n, rotation_deg=10.0, scale=(0.9, 1.1), translation=0.1, gener
     t = (2.0 * u[:, 2:] - 1.0) * translation  # (n, 2)
     cos, sin = s * torch.cos(angle), s * torch.sin(angle)
     matrix = torch.stack((torch.stack((cos, -sin, t[:, 0]), -1), torch.stack((sin, cos, t[:, 1]), -1)), dim=1)
-    return AffineWarp.from_forward(_on(matrix, device, dtype))
+    return AffineWarp(_invert_affine(_on(matrix, device, dtype)))  # backward is the inverse of x -> s R x + t
 
 
 def zoom_out(n, factor, device="cpu", dtype=torch.float32):
@@ -1649,13 +1635,13 @@ class ComposedWarp(Warp):
         return g.reshape(self.n, H, W, 2)
 
 
-def warp_images(images, warp, padding_mode="zeros"):
-    """(N, C, H, W) -> (N, C, H, W): bilinear ``grid_sample`` of ``warp.grid(H, W)``, align_corners=True. Pixels
-    whose source lies outside the input get ``padding_mode`` (zeros by default)."""
+def warp_images(images, warp):
+    """(N, C, H, W) -> (N, C, H, W): bilinear ``grid_sample`` of ``warp.grid(H, W)``; pixels whose source lies
+    outside the input are 0."""
     if images.dim() != 4 or images.shape[0] != warp.n:
         raise ValueError(f"Expected images (N={warp.n}, C, H, W) matching the warp batch, got {tuple(images.shape)}.")
     grid = warp.grid(images.shape[2], images.shape[3]).to(images.dtype)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
 def warp_points(points_px, warp, size):
@@ -1740,13 +1726,10 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def save_extractor(module, path, meta, mean, std, example_input=None):
-    """Export `module` (normalised images -> (B, C, h, w)) as a frozen extractor of [0, 1] images.
-
-    The module is wrapped with `Normalize(mean, std)`, put in eval mode and exported with a dynamic batch
-    dimension. `meta` needs the keys listed above except channels, mean and std, which are filled in from
-    a forward pass. Returns the completed meta dict.
-    """
+def save_extractor(module, path, meta, mean, std):
+    """Export `module` (normalised images -> (B, C, h, w)) behind `Normalize(mean, std)`, in eval mode, as an
+    extractor of [0, 1] images. `meta` needs the keys above but channels, mean and std, which are filled in
+    (channel_groups defaults to one group). Returns the completed meta dict."""
     meta = dict(meta)
     missing = [k for k in ("input_size", "kind", "method", "variant") if k not in meta]
     if missing:
@@ -1756,9 +1739,8 @@ def save_extractor(module, path, meta, mean, std, example_input=None):
     height, width = meta["input_size"]
     model = nn.Sequential(Normalize(mean, std), module).eval()
     device = next(model.parameters(), model[0].mean).device
-    if example_input is None:
-        # batch 2: torch.export specialises dimensions of size 0 and 1, so an example of 2 keeps it dynamic
-        example_input = torch.rand(2, 3, height, width, device=device)
+    # batch 2: torch.export specialises dimensions of size 0 and 1, so an example of 2 keeps it dynamic
+    example_input = torch.rand(2, 3, height, width, device=device)
     with torch.no_grad():
         out = model(example_input)
     channels = out.shape[1]
