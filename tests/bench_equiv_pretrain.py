@@ -5,10 +5,11 @@
 
 Prints `name: value unit` lines (images/s counts the B images of a batch, not their B warped copies):
   views_worker_old / _new    images/s of one data-loader process: the float image the loader used to ship, and
-                             the uint8 image it ships now (rendering included);
+                             the uint8 image it ships now (rendering included); fastest of --steps batches;
   views_device_old / _new    images/s of the views drawn in the step for a batch (stage 1: warp g, points lambda
                              and their images, appearance r; stage 2: warp): the old draws from the global
                              generator (a copy of the old functions is below) and the new from data.generator;
+                             fastest of --steps batches, old and new alternated;
   host_syncs_<stage>         syncing calls in one whole step (tests/conftest.py's counter), apart from Adam's
                              reads of its step counters, which are CPU tensors even for GPU weights;
   <stage>_model_step         the step function alone on fixed images, median over --steps after 2 warm-up steps,
@@ -72,17 +73,17 @@ def new_views(x, opts, stage, g):
 
 
 def views_speed(args):
-    """Old and new paths alternated within each repetition (the machine's load changes by the minute); medians."""
+    """Old and new paths alternated in each of --steps repetitions, each timing a whole batch; the fastest
+    repetition of each (on a shared machine a timing is stretched whenever the process waits for a core)."""
     faces = data.make_dataset("synth-faces", "train", size=96, normalize=False, length=args.batch_size)
     images, opts = ep.Images(faces), ep.get_args([])
     worker = {"old": lambda i: faces[i]["image"], "new": lambda i: images[(0, i)]["image"]}
-    batch = {"old": torch.stack([faces[i]["image"] for i in range(len(faces))]),
-             "new": torch.stack([images[(0, i)]["image"] for i in range(len(faces))])}
+    batch = {name: torch.stack([get(i) for i in range(len(faces))]) for name, get in worker.items()}
     times = {}
-    for step in range(args.steps + 1):
+    for step in range(args.steps):
         for name in ("old", "new"):
             start = time.perf_counter()
-            worker[name](step % len(faces))
+            [worker[name](i) for i in range(len(faces))]
             times.setdefault(f"views_worker_{name}", []).append(time.perf_counter() - start)
             for stage in ("stage1", "stage2"):
                 start = time.perf_counter()
@@ -90,9 +91,8 @@ def views_speed(args):
                     old_views(batch[name], opts, stage)
                 else:
                     new_views(batch[name], opts, stage, data.generator(0, step))
-                times.setdefault(f"views_device_{name}_{stage}", []).append(
-                    (time.perf_counter() - start) / args.batch_size)
-    return {key: 1 / sorted(t[1:])[len(t[1:]) // 2] for key, t in times.items()}
+                times.setdefault(f"views_device_{name}_{stage}", []).append(time.perf_counter() - start)
+    return {key: args.batch_size / min(t) for key, t in times.items()}
 
 
 def grid_error_px(batch_size):
