@@ -1,58 +1,45 @@
 """LEAD for object landmarks: Karmali, Atreya, Nair, Sharma, Radhakrishnan, "LEAD: Self-Supervised Landmark
 Estimation by Aligning Distributions of Feature Similarity", WACV 2022, arXiv 2204.02958 (no public code).
 
-Three stages; `--stage all` (the default) runs them in order, writing to runs/byol_lead/<name>/:
-  1    BYOL of a torchvision ResNet (Sec. 3.2); exports the hypercolumn (hypercol.pt2, the "LEAD 3840" row of
-       Tab. 1 and the teacher of stage 2) and its PCA picture (pca_stage1.png). `--epochs 0` exports the
-       random-initialised network: the baseline;
-  2    the frozen stage-1 ResNet, an FPN decoder to a 64-d map at 1/4 resolution and a projection head, trained
-       so that the similarity distributions of the compact features match the hypercolumn's (Sec. 3.3, Eq. 3);
-       exports compact.pt2 (no head) and pca_compact.png;
-  nmf  the baseline of Tab. 1: NMF of the stage-1 hypercolumn to --nmf-k = 64 channels (nmf.pt2).
+Stages (`--stage all` runs them in order, writing to runs/byol_lead/<name>/):
+  1    BYOL of a torchvision ResNet (Sec. 3.2); exports its hypercolumn (hypercol.pt2, Tab. 1's "LEAD 3840" and
+       the teacher of stage 2) and pca_stage1.png. `--epochs 0` exports the random network: the baseline;
+  2    an FPN decoder (64-d, 1/4 resolution) and a projection head on the frozen ResNet, trained so that the
+       similarity distributions of the compact features match the hypercolumn's (Sec. 3.3, Eq. 3); exports
+       compact.pt2 (no head) and pca_compact.png;
+  nmf  Tab. 1's baseline: NMF of the stage-1 hypercolumn to --nmf-k = 64 channels (nmf.pt2).
 Evaluate any exported .pt2 with regress.py (landmark regression) and match.py (matching).
 
-Paper -> code:  Eq. 1, BYOL's loss, symmetrised and summed    -> byol_loss
-                BYOL's target network and its tau schedule   -> ema_update, byol_tau
-                Sec. 3.2 / Fig. 3 hypercolumn                 -> Hypercolumn
-                Sec. 3.3 FPN decoder and projection head      -> FPNDecoder, Compact, lead_head
-                Eq. 2 similarity distributions; Eq. 3         -> similarity_distributions; lead_loss
-                Tab. 1 NMF baseline                           -> data.nmf, data.NMFCoefficients
-                BYOL's asymmetric views; stage-2 pairs        -> view_params, byol_views; lead_pairs
+Paper -> code:  Eq. 1, BYOL's loss / its target network     -> byol_loss / ema_update, byol_tau
+                Sec. 3.2 hypercolumn; Sec. 3.3 decoder, head -> Hypercolumn; FPNDecoder, Compact, lead_head
+                Eq. 2 similarity distributions; Eq. 3       -> similarity_distributions; lead_loss
+                Tab. 1 NMF baseline                          -> data.nmf, data.NMFCoefficients
+                BYOL's views; the stage-2 pairs              -> view_params, byol_views; lead_pairs
 
-Paper values (our CPU defaults, which train all three stages on the built-in synthetic faces):
-  stage 1: --batch-size 256 (32) | --epochs 200 (1 epoch of the 10,000 synthetic faces: 312 steps) | SGD --lr
-  3e-2, momentum 0.9, cosine after --byol-warmup 2 warm-up epochs (0.2) | --byol-tau 0.996 -> 1 | projector and
-  predictor MLPs 4096 -> 256 (--byol-hidden, --byol-dim) | weight decay not given (1e-4, MoCo's).
-  stage 2: --lead-epochs 10-20 (1 epoch of the first --lead-images 2,560 images: 80 steps) | --lead-tau 0.05 |
-  --lead-dim 64 | optimiser not given: Adam, --lead-lr 1e-3 after --lead-warmup 0.1 epoch, cosine (Adam is
-  invariant to the scale of the loss, which Eq. 3's sum over locations makes large).
+Paper values (our CPU defaults, which train all three stages on the built-in synthetic faces): stage 1
+--batch-size 256 (32), --epochs 200 (1: 312 steps), SGD --lr 3e-2 with momentum 0.9, cosine after --byol-warmup
+2 epochs (0.2), --byol-tau 0.996 -> 1, MLPs 4096 -> 256, weight decay not given (1e-4, MoCo's); stage 2
+--lead-epochs 10-20 (1 epoch of --lead-images 2,560: 80 steps), --lead-tau 0.05, --lead-dim 64, optimiser not
+given (Adam, --lead-lr 1e-3: Adam does not mind the scale that Eq. 3's sum over locations gives the loss).
 
 Open choices (the paper does not say) and deviations, each deliberate:
 - BYOL's loss is summed over its two directions, not averaged (an average halves the gradient, the slip of a
-  well-known re-implementation).
-- Views: BYOL's two pipelines (the LEAD supplement): random resized crop (scale 0.08-1), flip 0.5, colour
-  jitter (0.4, 0.4, 0.2, 0.1) with p 0.8 in a random order per sample, grayscale 0.2, Gaussian blur (sigma
-  0.1-2, kernel a tenth of the side) with p 1.0 / 0.1, solarisation with p 0.0 / 0.2; the second is BYOL's t',
-  and the symmetrised loss feeds each view to both branches. Workers only render (uint8); the views are made
-  on the device a batch at a time, from per-sample parameters drawn from data.generator(seed, step).
-- The target network keeps its own batch-norm statistics (only parameters follow the EMA) and runs in train
-  mode, as BYOL's; the EMA moves after each optimiser step with tau of the step just taken. The learning rate
-  follows its schedule every step, not every epoch (our runs last a few epochs).
-- The ResNet keeps its stem stride: at 96 px layer1..layer4 are 24, 12, 6 and 3 cells. The hypercolumn is
-  layer4..layer1, resized bilinearly to 48x48 in the exports (the evaluation's grid) and to the student's
-  24x24 as the teacher; compact.pt2 resizes its 24x24 output to 48x48 too, so all exports share one grid.
-- Decoder: torchvision's FeaturePyramidNetwork on layer1..layer4 with --lead-dim channels, its four outputs
-  resized to 1/4 and summed (every level reaches the output directly, as Panoptic FPN's semantic branch without
-  its conv towers), then a 3x3 conv. Head: 1x1 conv, BN, ReLU, 1x1 conv (64 -> 256 -> 64) at every location.
-- Eq. 3 is summed over the locations u and averaged over the pairs. The run uses lead_loss_chunked (same value
-  and gradients in less memory) unless --lead-chunk 0.
-- Pairs ("two images" in the paper), --lead-pairs: batch = image k with image k+1; views (default: it matched
-  best, docs/byol_lead.md) = an image with its own random TPS warp (data.random_tps, "pair" preset), the
-  teacher seeing the warped image itself, so no correspondence is needed; both = the two sets, averaged.
-  --lead-zoom Z (ours, off) also zooms each warped copy out by a factor in [1, Z], composed with the TPS: the
-  scale ablation of docs/byol_lead.md.
-- NMF: multiplicative updates on the 24x24 hypercolumns of --nmf-images images; the exported extractor solves
-  each location's coefficients with the basis fixed.
+  well-known re-implementation). The target keeps its own batch-norm statistics (only parameters follow the
+  EMA, after each optimiser step with tau of that step) and runs in train mode, as BYOL's.
+- Views: BYOL's two pipelines (crop scale 0.08-1, flip, colour jitter 0.4/0.4/0.2/0.1 with p 0.8 in a random
+  order per sample, grayscale 0.2, blur sigma 0.1-2 with p 1.0 / 0.1, solarisation p 0.0 / 0.2), made on the
+  device a batch at a time from per-sample parameters drawn from data.generator(seed, step); workers only
+  render (uint8). The learning rate follows its schedule every step, not every epoch.
+- The ResNet keeps its stem stride (layer1..4 are 24, 12, 6, 3 cells at 96 px). The hypercolumn (layer4..1) is
+  resized to 48x48 in the exports (the evaluation's grid; compact.pt2 too) and to the student's 24x24 as the
+  teacher. Decoder: torchvision's FPN on layer1..4, its outputs resized to 1/4 and summed (as Panoptic FPN's
+  semantic branch without its conv towers), then a 3x3 conv; head: 1x1 conv, BN, ReLU, 1x1 conv.
+- Eq. 3 is summed over the locations u and averaged over the pairs; the run uses lead_loss_chunked (the same
+  value and gradients in less memory) unless --lead-chunk 0.
+- --lead-pairs ("two images" in the paper): batch = image k with image k+1; views (the default, which matched
+  best: docs/byol_lead.md) = an image with its own random TPS warp (data.random_tps "pair"), the teacher seeing
+  the warped image itself, so no correspondence is needed; both = the two sets, averaged. --lead-zoom (ours,
+  off) also zooms each warped copy out by a factor in [1, Z]: the scale ablation of docs/byol_lead.md.
 GPU: --workers defaults to the machine's cores; --help says what --amp auto and --deterministic do there.
 
 Smallest run: `python byol_lead.py --epochs 1 --train-images 512 --lead-epochs 1 --name tiny`: a bar and a
@@ -154,15 +141,12 @@ def build_resnet(arch, imagenet=False):
     return net
 
 
-def mlp(in_dim, hidden, out_dim):
-    """BYOL's projector and predictor: Linear, BatchNorm, ReLU, Linear."""
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, out_dim))
+def mlp(in_dim, hidden, out_dim):  # BYOL's projector and predictor
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(True), nn.Linear(hidden, out_dim))
 
 
 class Online(nn.Module):
     """Encoder f and projector g of BYOL; the target network is a copy of this module (no predictor)."""
-
     def __init__(self, arch, hidden, dim, imagenet=False):
         super().__init__()
         self.encoder = build_resnet(arch, imagenet)
@@ -186,7 +170,6 @@ def byol_tau(step, total, base):
 class Hypercolumn(nn.Module):
     """Sec. 3.1: the outputs of `layers`, each resized bilinearly to size x size and concatenated in the given
     order (deepest first: 960-d for ResNet-18, 3840-d for ResNet-50). Input: normalised (B, 3, H, W)."""
-
     def __init__(self, resnet, layers, size):
         super().__init__()
         self.body = create_feature_extractor(resnet, return_nodes=list(layers))  # shares resnet's weights
@@ -204,7 +187,6 @@ class Hypercolumn(nn.Module):
 class FPNDecoder(nn.Module):
     """Sec. 3.3: layer1..layer4 (1/4..1/32) -> a dim-channel map at 1/4: torchvision's FPN, its four outputs
     resized to 1/4 and summed, then a 3x3 conv."""
-
     def __init__(self, widths, dim):
         super().__init__()
         self.fpn = torchvision.ops.FeaturePyramidNetwork(list(widths), dim)
@@ -218,7 +200,6 @@ class FPNDecoder(nn.Module):
 
 class Compact(nn.Module):
     """The frozen ResNet's layer1..layer4 through the decoder: normalised (B, 3, H, W) -> (B, dim, H/4, W/4)."""
-
     def __init__(self, resnet, dim):
         super().__init__()
         self.body = create_feature_extractor(resnet, return_nodes=list(LAYERS))  # shares resnet's weights
@@ -228,10 +209,8 @@ class Compact(nn.Module):
         return self.decoder(self.body(x.contiguous(memory_format=torch.channels_last)))
 
 
-def lead_head(dim, hidden=256):
-    """The projection head of Sec. 3.3, used only by the loss: two linear layers at every location (1x1 convs)."""
-    return nn.Sequential(nn.Conv2d(dim, hidden, 1), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
-                         nn.Conv2d(hidden, dim, 1))
+def lead_head(dim, hidden=256):  # Sec. 3.3's projection head, for the loss only: an MLP at every location
+    return nn.Sequential(nn.Conv2d(dim, hidden, 1), nn.BatchNorm2d(hidden), nn.ReLU(True), nn.Conv2d(hidden, dim, 1))
 
 
 # ===== Losses =====
@@ -288,7 +267,6 @@ def warmup_cosine(optimizer, steps, warmup):
 class Images(torch.utils.data.Dataset):
     """The workers' share: image `index` as uint8 (3, H, W) for the key (epoch, index) of data.make_loader; the
     views are drawn on the device, in the step."""
-
     def __init__(self, dataset):
         self.dataset = dataset
 
@@ -317,15 +295,10 @@ def view_params(n, size, g, blur, solarize):
             "gray": u(n) < 0.2, "blur": u(n) < blur, "sigma": u(n, lo=0.1, hi=2.0), "solarize": u(n) < solarize}
 
 
-def gray(x):  # N x 3 x H x W -> N x 1 x H x W, torchvision's luma weights
-    return 0.2989 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]
-
-
 def adjust_hue(x, shift):
     """Rotate the HSV hue of x (N x 3 x H x W in [0, 1]) by `shift` turns (N x 1 x 1 x 1), as torchvision's
     adjust_hue: value V and chroma C stay, channel n becomes V - C clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6."""
-    v = x.amax(1, keepdim=True)
-    c = v - x.amin(1, keepdim=True)  # N x 1 x H x W
+    v, c = x.amax(1, keepdim=True), x.amax(1, keepdim=True) - x.amin(1, keepdim=True)  # N x 1 x H x W
     r, g, b = x[:, :1], x[:, 1:2], x[:, 2:]
     safe = torch.where(c > 0, c, 1.0)  # grey pixels: C = 0, any hue
     h6 = torch.where(v == r, (g - b) / safe, torch.where(v == g, (b - r) / safe + 2, (r - g) / safe + 4)) + 6 * shift
@@ -360,6 +333,7 @@ def byol_views(images, params):
     matrices applied to the rows and the columns (rows @ x @ columns^T)."""
     n, _, size, _ = images.shape
     one = lambda key: params[key].view(n, 1, 1, 1)  # noqa: E731
+    gray = lambda x: 0.2989 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]  # noqa: E731  N x 1 x S x S
     x1, y1, x2, y2 = params["box"].unbind(1)
     rows = resize_rows(y1, y2 - y1, size, torch.zeros_like(params["flip"]))[:, None]  # N x 1 x S x S
     x = rows @ (images.float() / 255) @ resize_rows(x1, x2 - x1, size, params["flip"])[:, None].transpose(2, 3)
@@ -419,7 +393,8 @@ def train(args, stage, run, loader, step_fn, state, epochs, device):
             if step % args.log_every == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")  # the only host sync of a step
             if step == args.stop_after_steps:
-                save(), print(f"{stage}: stopped after step {step}; continue with --resume")
+                save()
+                print(f"{stage}: stopped after step {step} (--stop-after-steps); continue with --resume")
                 return False
         n, seconds = per_epoch - done, time.time() - start
         data.log(run, stage, {"stage": stage, "epoch": epoch + 1, "step": step, "loss": total.item() / n,
