@@ -5,8 +5,8 @@ way: a small head is trained on its FROZEN features with ground-truth annotation
 reported. This is the protocol of DVE (Thewlis, Albanie, Bilen, Vedaldi, "Unsupervised Learning of Landmarks by
 Descriptor Vector Exchange", ICCV 2019, arXiv 1908.06427) that ContrastLandmark (Cheng, Su, Maji, ICCV 2021,
 arXiv 2006.14787), LEAD (arXiv 2204.02958) and Rahaman et al. (arXiv 2104.02925) follow; the script never
-imports a method file, so every method is judged by the same code. docs/evaluation.md: the protocol's facts in
-full, every choice below with its measurement, and the commands.
+imports a method file, so every method is judged by the same code. docs/protocol.md states the protocol's facts,
+docs/evaluation.md every choice below with its measurement and command.
 
 * Head (`DVERegressor`, every protocol): per annotated landmark 50 intermediate points, each the soft-argmax of
   100 x a 1x1-conv response map over the linspace(-1, 1) grid of the feature map; a per-landmark linear map of its
@@ -82,7 +82,8 @@ def parse_args(argv=None):
         help="mask: figure-ground segmentation (ContrastLandmark supplement Tab. 6), synthetic datasets only")
     add("--head", default="dve", choices=["dve", "ridge"], help="dve: DVE's regressor on dense features; ridge: "
         "closed-form ridge from the soft-argmax of an extractor of kind 'heatmaps' (Rahaman et al.)")
-    add("--protocol", default="default", choices=list(PROTOCOLS), help="how the head is trained. default: ours, "
+    add("--protocol", "--optim", default="default", choices=list(PROTOCOLS), help="how the head is trained (--optim: "
+        "its former name). default: ours, "
         "converges in minutes on a CPU whatever the channels' scale (standardised features, small init, Adam 1e-2 "
         "with warm-up and cosine, bf16, 20 epochs); dve: DVE's exact recipe (N(0, 1) init, Adam amsgrad 1e-3, lr "
         "x0.1 at 1/3 and 5/6 of 300 epochs, fp32, last epoch), for a GPU; contrastlandmark: Adam betas (0.5, "

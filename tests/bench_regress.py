@@ -8,6 +8,12 @@ is a small random conv net giving 64 channels at 48x48 (the protocol's map size)
 (nA x 50 softmax maps of 48x48 per image), so caching saves the extractor's share only: small with this tiny
 net, larger with a real backbone, and largest for cheap heads (mask, ridge). One intra-op thread, so that the
 numbers are stable on a shared machine; ``--threads N`` changes it.
+
+Convergence and scale (docs/evaluation.md): ``python tests/bench_regress.py --features X.pt2 --epochs 10 20
+[--scale]`` caches X's features of 500 training, 200 validation and 500 test synthetic faces once, then trains
+DVE's head with regress.py's default protocol for each number of epochs (the same seed, so the runs differ only in
+length) and prints the test IOD of each beside the mean training shape's. ``--scale`` also runs them on the features
+with every channel multiplied by its own constant in 0.1-10 (log-uniform, seed 1).
 """
 import os
 import sys
@@ -49,7 +55,39 @@ def seconds_per_epoch(task, train, val, test):
     return (time.time() - start) / EPOCHS
 
 
+def convergence(path, epochs, scale):
+    spec = dict(task="landmarks", size=(96, 96), metric="iod", eye_indices=(0, 1), pck_int_truncation=False)
+    extractor = data.load_extractor(path)
+    sources = {}
+    for split, n in (("train", 500), ("val", 200), ("test", 500)):
+        src = source(extractor, split, n, False, False)
+        sources[split] = dict(src, store=regress.cache_features(src, BATCH, False, "cpu", f"cache {split}"))
+    reference = regress.mean_shape_reference(*[regress.split_keypoints(sources[s]) for s in ("train", "test")], spec)
+    print(f"mean_shape_iod: {reference['iod']:.3f} %")
+    for scaled in (False, True) if scale else (False,):
+        if scaled:
+            c = 10 ** (torch.rand(extractor.meta["channels"], generator=torch.Generator().manual_seed(1)) * 2 - 1)
+            for src in sources.values():
+                src["store"]["features"] = (src["store"]["features"].float() * c.view(1, -1, 1, 1)).half()
+        for n in epochs:
+            args = regress.parse_args(["--features", path, "--epochs", str(n)])
+            torch.manual_seed(0)
+            head = regress.make_head(args, extractor.meta["channels"], 5, (96, 96), sources["train"], "cpu")
+            start = time.time()
+            result = regress.fit(head, spec, sources["train"], sources["val"], sources["test"], args.protocol, args.lr,
+                                 args.weight_decay, n, args.batch_size, args.select_on, False, "cpu", 0,
+                                 amp=data.amp_dtype(torch.device("cpu"), args.amp))
+            tag = "_scaled" * scaled
+            print(f"test_iod_epochs{n}{tag}: {result['test']['iod']:.3f} % (epoch {result['selected_epoch']}, "
+                  f"{time.time() - start:.0f} s)")
+
+
 def main():
+    if "--features" in sys.argv:
+        torch.set_num_threads(1)
+        torch.set_flush_denormal(True)
+        epochs = [int(a) for a in sys.argv[sys.argv.index("--epochs") + 1:] if a.isdigit()]
+        return convergence(sys.argv[sys.argv.index("--features") + 1], epochs, "--scale" in sys.argv)
     threads = int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else 1
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # as regress.py does: DVE's sharp softmax underflows to slow denormal floats

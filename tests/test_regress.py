@@ -370,3 +370,56 @@ def test_mean_shape_reference_predicts_the_visible_training_mean_for_every_test_
     assert out["error_px"] == pytest.approx(0.0)  # mean of (10, 10), (12, 14) is (11, 12); (30, 12) alone
     out = regress.mean_shape_reference(train, (test_kp + torch.tensor([3.0, 4.0]), test_vis), spec)
     assert out["error_px"] == pytest.approx(5.0) and out["iod"] == pytest.approx(100 * 5.0 / 19.0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Bring your own data, and where the cache lives
+# ------------------------------------------------------------------------------------------------------------
+def make_csv(root, header):
+    """train/val/test CSVs of 6 / 4 / 4 random 40x30 images with three landmarks each."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 4), ("test", 4)):
+        rows = [header]
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(root / f"{split}{i}.png")
+            rows.append(f"{split}{i}.png,10,12,30,12,20,{20 + i}")
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return str(root)
+
+
+@pytest.mark.parametrize("header, flags, metric, eyes", [
+    ("image,left_eye_x,left_eye_y,right_eye_x,right_eye_y,nose_x,nose_y", [], "iod", [0, 1]),  # header names
+    ("image,a_x,a_y,b_x,b_y,c_x,c_y", [], "pck", None),  # no eyes: PCK
+    ("image,a_x,a_y,b_x,b_y,c_x,c_y", ["--eyes", "c", "1"], "iod", [2, 1]),  # named by the flag
+])
+def test_a_csv_dataset_gets_iod_when_its_eyes_are_named_and_pck_otherwise(tmp_path, header, flags, metric, eyes):
+    path = export_tiny(tmp_path / "tiny.pt2")
+    results = run(tmp_path, "--features", path, "--dataset", "csv", "--data-root", make_csv(tmp_path, header),
+                  "--epochs", "1", "--plot-images", "0", *flags)
+    assert results["metric"] == metric and results["dataset"]["eye_indices"] == (eyes and tuple(eyes))
+    with pytest.raises(SystemExit, match="--eyes left nose: expected two of the landmarks"):
+        run(tmp_path, "--features", path, "--dataset", "csv", "--data-root", str(tmp_path), "--eyes", "left", "nose")
+
+
+def test_a_small_mafl_folder_names_the_validation_flag_and_runs_with_it(tmp_path):
+    """MAFL holds 1,000 training images out for validation; a folder of 6 needs --val-size, and says so."""
+    from test_real import make_celeba
+    root = str(make_celeba(tmp_path / "celeba"))
+    path = export_tiny(tmp_path / "tiny.pt2")
+    with pytest.raises(SystemExit, match="too few to hold out val_size=1000.*with --val-size N"):
+        run(tmp_path, "--features", path, "--dataset", "mafl", "--data-root", root)
+    results = run(tmp_path, "--features", path, "--dataset", "mafl", "--data-root", root, "--val-size", "2",
+                  "--epochs", "1", "--plot-images", "0")
+    assert results["dataset"]["train"] == 4 and results["dataset"]["val"] == 2 and results["metric"] == "iod"
+
+
+def test_cache_budget_is_half_the_free_device_memory_and_batches_come_to_the_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8e9, 16e9))
+    assert regress.cache_budget(torch.device("cuda")) == pytest.approx(4.0)
+    assert regress.cache_budget(torch.device("cpu")) > 0
+    store = dict(features=torch.randn(4, 3, 2, 2).half(), keypoints=torch.zeros(4, 1, 2),
+                 visible=torch.ones(4, 1).bool())
+    batch = next(regress.batches(dict(store=store, indices=list(range(4))), torch.arange(4), 4, "meta",
+                                 dtype=torch.bfloat16))
+    assert batch["features"].device.type == "meta" and batch["features"].dtype == torch.bfloat16
