@@ -1397,9 +1397,6 @@ class TPSWarp(Warp):
         super().__init__(weights.shape[0], weights.device, weights.dtype)
         self.weights = weights
         self.controls = _tps_controls(self.device, self.dtype)
-        # For the Jacobian: (N, 100, 6) = [W_ki for i | W_ki c_kj for (i, j)].
-        V = (weights[:, :100].unsqueeze(-1) * self.controls.unsqueeze(1)).reshape(self.n, 100, 4)
-        self._jacobian_weights = torch.cat((weights[:, :100], V), dim=2)
 
     def backward(self, uv):
         D = _tps_sq_dist(uv, self.controls)  # (N, P, 100)
@@ -1411,15 +1408,13 @@ class TPSWarp(Warp):
         # J_ij = 2 (u_j s_i - M_ij) + W[101 + j, i], s_i = sum_k U'_k W_ki, M_ij = sum_k U'_k W_ki c_kj.
         D = _tps_sq_dist(uv, self.controls)
         dU = torch.log(D + _TPS_EPS) + D / (D + _TPS_EPS)  # (N, P, 100)
-        sM = dU @ self._jacobian_weights  # (N, P, 6): s_i, then M_ij in (i, j) order
-        J = 2.0 * (sM[..., :2, None] * uv.unsqueeze(-2) - sM[..., 2:].reshape(*uv.shape[:2], 2, 2))
-        return J + self.weights[:, 101:].transpose(1, 2).unsqueeze(1)
+        s = dU @ self.weights[:, :100]  # (N, P, 2)
+        M = torch.einsum("npk,nki,kj->npij", dU, self.weights[:, :100], self.controls)  # (N, P, 2, 2)
+        return 2.0 * (s.unsqueeze(-1) * uv.unsqueeze(-2) - M) + self.weights[:, 101:].transpose(1, 2).unsqueeze(1)
 
     def _lattice(self, H, W, extent):
-        # One (H*W, 103) x (103, N*2) product for the whole batch instead of N small ones.
-        feats = _tps_lattice_features(H, W, extent, self.device, self.dtype)
-        g = feats @ self.weights.permute(1, 0, 2).reshape(103, self.n * 2)  # (H*W, N*2)
-        return g.reshape(H, W, self.n, 2).permute(2, 0, 1, 3)
+        feats = _tps_lattice_features(H, W, extent, self.device, self.dtype)  # (H*W, 103), cached
+        return torch.einsum("pk,nkc->npc", feats, self.weights).reshape(self.n, H, W, 2)
 
 
 def random_tps(n, preset="pair", generator=None, device="cpu", dtype=torch.float32, nonrigid_scale=1.0):
