@@ -257,9 +257,7 @@ class _Synthetic(Dataset):
         return sample
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Faces. Head coordinates: x right, y down, origin at the face's centre, in scene units.
-# ---------------------------------------------------------------------------------------------------------
+# --- Faces. Head coordinates: x right, y down, origin at the face's centre, in scene units. ------------------
 FACE_IDENTITY = {  # shape and appearance
     "head_w": (0.60, 0.72), "head_h": (0.84, 0.95), "chin": (0.0, 0.35),  # ellipse half-axes; jaw taper
     "eye_y": (-0.19, -0.09), "eye_dx": (0.40, 0.48), "eye_w": (0.075, 0.100),  # eye x = eye_dx * head_w
@@ -454,9 +452,7 @@ class SyntheticFaces(_Synthetic):
                             with_labels)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Birds. World coordinates: x right, y up, z towards the viewer; lengths in body half-lengths.
-# ---------------------------------------------------------------------------------------------------------
+# --- Birds. World coordinates: x right, y up, z towards the viewer; lengths in body half-lengths. ------------
 BIRD_IDENTITY = {  # the "species": shape and plumage
     "body_h": (0.50, 0.64), "body_w": (0.42, 0.55), "head_r": (0.34, 0.46), "head_x": (0.85, 1.05),
     "head_up": (0.55, 0.90), "beak_len": (0.15, 0.60), "beak_w": (0.07, 0.15), "beak_droop": (-0.1, 0.35),
@@ -712,9 +708,7 @@ def _resample(image, scale, offset, size):
                                                box=(left - x0, top - y0, right - x0, bottom - y0))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Reading files: every problem becomes one DatasetError sentence naming the path and the format
-# ---------------------------------------------------------------------------------------------------------
+# --- Reading files: every problem becomes one DatasetError sentence naming the path and the format -----------
 def _bad(path, fmt, problem):
     return DatasetError(f"expected {path} to hold {fmt}, but {problem}")
 
@@ -839,9 +833,7 @@ def _open_rgb(path):
         raise DatasetError(f"expected a readable image at {path}, but it could not be read ({error})") from None
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The dataset every loader fills, and the face datasets
-# ---------------------------------------------------------------------------------------------------------
+# --- The dataset every loader fills, and the face datasets ---------------------------------------------------
 class _LandmarkDataset(Dataset):
     """Images with per-sample annotations, filled by a loader through _setup. Class attributes: the sample
     format's (by default faces with MAFL's 5 landmarks and the inter-ocular error) and the crop's."""
@@ -1076,9 +1068,7 @@ def _read_pts(path):
     return _numbers(_split(enumerate(lines[3:-1], 4), path, PTS_FORMAT, 2), path, PTS_FORMAT, 0, 2)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Birds, cats, and your own data
-# ---------------------------------------------------------------------------------------------------------
+# --- Birds, cats, and your own data --------------------------------------------------------------------------
 class CUB(_LandmarkDataset):
     """CUB-200-2011 (Wah et al. 2011): 15 parts with visibility, scored by PCK (docs/protocol.md). The split:
     `split_file`, paths under images/ in its order (e.g. ContrastLandmark's Passeroidea lists; `split` then only
@@ -1357,9 +1347,7 @@ class Warp:
         return torch.where((err <= 1e-4).unsqueeze(-1), u, torch.full_like(u, float("nan")))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Thin-plate spline (DVE's parameterisation)
-# ---------------------------------------------------------------------------------------------------------
+# --- Thin-plate spline (DVE's parameterisation) --------------------------------------------------------------
 TPS_PRESETS = {  # standard deviations of the random parameters (see random_tps); shifts in normalised units
     "pair": dict(sd_all=1e-3, sd_subset=1e-2, trans_sd=0.1, scale_sd=0.1, rot_sd=5.0),  # training pairs
     "match": dict(sd_all=5e-4, sd_subset=5e-3, trans_sd=0.05, scale_sd=0.05, rot_sd=2.5),  # matching: "pair" / 2
@@ -1462,9 +1450,7 @@ def tps_training_pair(images, points=None, generator=None, preset="pair"):
     return TPSPair(image1, warp_images(image1, warp12), points1, points2, warp1, warp12)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Affine and elastic warps
-# ---------------------------------------------------------------------------------------------------------
+# --- Affine and elastic warps --------------------------------------------------------------------------------
 def _invert_affine(theta):
     """(N, 2, 3) [A | t] of x -> A x + t  ->  [A^-1 | -A^-1 t], in closed form."""
     a, b, c, d = theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1]
@@ -1590,9 +1576,7 @@ def random_elastic(n, alpha=0.05, sigma=0.2, max_grad=0.5, generator=None, devic
     return warp
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Composition, and applying warps to images and points
-# ---------------------------------------------------------------------------------------------------------
+# --- Composition, and applying warps to images and points ----------------------------------------------------
 class ComposedWarp(Warp):
     """``warps[0]``, then ``warps[1]``, ...: forward applies them in order (each exactly), backward in reverse.
     Only the last warp's dense grid has a fast path: with a TPS or elastic warp before the last, ``grid`` takes
