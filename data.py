@@ -771,13 +771,17 @@ def _numbers(rows, path, fmt, start, stop):
         raise _bad(path, fmt, f"line {number} has a non-number: {' '.join(fields)!r}") from None
 
 
-def _keyed(rows, path, fmt, num_values):
-    """Rows '<name> v1 ... vn' as ({name: row}, values (N, num_values))."""
-    return {f[0]: i for i, (_, f) in enumerate(rows)}, _numbers(rows, path, fmt, 1, 1 + num_values)
+def _values_of(names, rows, path, fmt, num_values):
+    """(len(names), num_values): the values of rows '<name> v1 ... vn' for `names`; each must have a row."""
+    index = {f[0]: i for i, (_, f) in enumerate(rows)}
+    missing = next((name for name in names if name not in index), None)
+    if missing is not None:
+        raise DatasetError(f"expected {path} to have a row for every image used, but {missing} has none")
+    return _numbers(rows, path, fmt, 1, 1 + num_values)[[index[name] for name in names]]
 
 
-def _counted_list(path, num_values):
-    """CelebA's Anno lists: line 1 the row count, line 2 the column names, then '<image> v1 ... vn'."""
+def _counted_list(path, num_values, names):
+    """The values for `names` in one of CelebA's Anno lists: the row count, a header, then '<image> v1 ... vn'."""
     fmt = f"a row count, a header line, then rows '<image> v1 ... v{num_values}'"
     lines = _lines(path, fmt)
     if not lines or not lines[0][1].isdigit():
@@ -785,15 +789,7 @@ def _counted_list(path, num_values):
     rows = _split(lines[2:], path, fmt, 1 + num_values)
     if int(lines[0][1]) != len(rows):
         raise _bad(path, fmt, f"its first line announces {lines[0][1]} rows and it has {len(rows)}")
-    return _keyed(rows, path, fmt, num_values)
-
-
-def _rows_of(names, index, path):
-    """Row numbers of `names` in a list indexed by _keyed; every name must be there."""
-    missing = next((name for name in names if name not in index), None)
-    if missing is not None:
-        raise DatasetError(f"expected {path} to have a row for every image used, but {missing} has none")
-    return np.array([index[name] for name in names], dtype=np.int64)
+    return _values_of(names, rows, path, fmt, num_values)
 
 
 def _loadmat(path, fmt, keys, **options):
@@ -920,8 +916,7 @@ class CelebA(_LandmarkDataset):
         if wild:
             image_dir = _folder(root / "Img/img_celeba", "CelebA's in-the-wild images")
             landmark_file, box_file = root / "Anno/list_landmarks_celeba.txt", root / "Anno/list_bbox_celeba.txt"
-            index, boxes = _counted_list(box_file, 4)
-            x, y, w, h = boxes[_rows_of(names, index, box_file)].T
+            x, y, w, h = _counted_list(box_file, 4, names).T
             side = CELEBA_WILD_MARGIN * np.maximum(w, h)
             windows, sizes = np.stack([x + (w - side) / 2, y + (h - side) / 2, side, side], 1), None
         else:
@@ -931,15 +926,12 @@ class CelebA(_LandmarkDataset):
                 raise DatasetError(f"expected CelebA's aligned images at {root / 'Img/img_align_celeba'} (or "
                                    f"img_align_celeba_hq), but there is no such folder")
             landmark_file, windows, sizes = root / "Anno/list_landmarks_align_celeba.txt", (0, 30, 178, 178), (178, 218)
-        index, landmarks = _counted_list(landmark_file, 10)
         identity, identity_file = None, root / "Anno/identity_CelebA.txt"
         if identity_file.is_file():  # optional: not every copy of CelebA has it
             fmt = "rows '<image> <identity>' (CelebA's identity_CelebA.txt)"
-            ids_index, ids = _keyed(_table(identity_file, fmt, 2), identity_file, fmt, 1)
-            identity = ids[_rows_of(names, ids_index, identity_file), 0]
-        self._setup(split, normalize, [image_dir / name for name in names],
-                    landmarks[_rows_of(names, index, landmark_file)], root, identity=identity, windows=windows,
-                    sizes=sizes)
+            identity = _values_of(names, _table(identity_file, fmt, 2), identity_file, fmt, 1)[:, 0]
+        self._setup(split, normalize, [image_dir / name for name in names], _counted_list(landmark_file, 10, names),
+                    root, identity=identity, windows=windows, sizes=sizes)
 
 
 def _mafl_names(root, list_name):
