@@ -1068,7 +1068,7 @@ class CUB(_LandmarkDataset):
 
     name = "cub"
     mean, std = IMAGENET_MEAN, IMAGENET_STD
-    landmark_names, eye_indices, metric = CUB_NAMES, None, "pck"
+    landmark_names, eye_indices, metric = CUB_NAMES, None, "pck"  # the names of CUB's parts/parts.txt
 
     def __init__(self, root, split="train", normalize=True, split_file=None, val_size=500):
         root = _folder(root, "the CUB_200_2011 folder (with images.txt, parts/ and images/)", split)
@@ -1100,11 +1100,6 @@ class CUB(_LandmarkDataset):
         incomplete = np.flatnonzero(np.isnan(locations).any(axis=(1, 2)))
         if incomplete.size:
             raise _bad(parts_path, PARTS_FORMAT, f"image {ids[incomplete[0]]} lacks some of the 15 parts")
-        if (root / "parts/parts.txt").is_file():
-            names = [" ".join(f[1:]) for _, f in _table(root / "parts/parts.txt", "rows '<part id> <part name>'")]
-            if len(names) != 15:
-                raise _bad(root / "parts/parts.txt", "15 rows '<part id> <part name>'", f"it has {len(names)}")
-            self.landmark_names = names
         self._setup(split, normalize, [root / "images" / paths[i] for i in keep], locations[keep, :, :2], root,
                     visible=locations[keep, :, 2] == 1)
 
