@@ -312,22 +312,21 @@ def moco_views(images, p):
     n, _, height, width = images.shape
     top, left, h, w = p["box"].unbind(1)  # n each
 
-    def axis(start, length, size):  # n x size: where each output pixel reads, in grid_sample's [-1, 1]
-        # F.interpolate's bilinear source pixel inside the crop (clamped to it, as cropping first would be); the
-        # crop is never larger than the output, so the resize never shrinks and needs no antialiasing
+    def axis(start, length, size):  # n x size: F.interpolate's source pixel of each output pixel, kept inside the
+        # crop (as cropping first would), in grid_sample's [-1, 1]; a crop is never larger than the output: no antialias
         src = (torch.arange(size, device=images.device) + 0.5) * (length / size)[:, None] - 0.5
         return (2 * (start[:, None] + torch.clamp(src, torch.zeros_like(src), (length - 1)[:, None])) + 1) / size - 1
 
     xs, ys = axis(left, w, width), axis(top, h, height)  # n x W, n x H
     grid = torch.stack([xs[:, None, :].expand(n, height, width), ys[:, :, None].expand(n, height, width)], -1)
-    x = F.grid_sample(images.float() / 255, grid, align_corners=False)  # n x 3 x H x W, crop and resize at once
+    x = F.grid_sample(images.float().div_(255), grid, align_corners=False)  # n x 3 x H x W: crop and resize at once
     for r in range(p["order"].shape[1]):  # ColorJitter: each view applies its own r-th adjustment
         op = p["order"][:, r].view(n, 1, 1, 1)  # 0 brightness, 1 contrast, 2 saturation, 3 hue
         f = p["factors"].gather(1, op.view(n, 1)).view(n, 1, 1, 1)
         gray = TF.rgb_to_grayscale(x)  # n x 1 x H x W
         # brightness, contrast and saturation blend the image with black, its mean grey and its grey
         other = torch.where(op == 1, gray.mean((1, 2, 3), keepdim=True), gray) * (op != 0)
-        blend = (f * x + (1 - f) * other).clamp(0, 1)
+        blend = torch.lerp(other, x, f).clamp_(0, 1)  # f x + (1 - f) other
         x = torch.where(op == 3, shift_hue(x, f), blend) if p["order"].shape[1] == 4 else blend
     x = torch.where(p["gray"].view(n, 1, 1, 1), TF.rgb_to_grayscale(x).expand_as(x), x)
     lighting = (p["alpha"] * PCA_EIGVAL.to(x)) @ PCA_EIGVEC.to(x).T  # n x 3, AlexNet's PCA colour noise

@@ -102,7 +102,7 @@ def views_speed(batch_size):
     mean, std = torch.tensor(dataset.mean).view(3, 1, 1), torch.tensor(dataset.std).view(3, 1, 1)
     normalize = data.Normalize(dataset.mean, dataset.std)
 
-    def timed(fn, repeats=3):  # the best of `repeats` after a warm-up: the least disturbed by other processes
+    def timed(fn, repeats=5):  # the best of `repeats` after a warm-up: the least disturbed by other processes
         fn()
         best = float("inf")
         for _ in range(repeats):
