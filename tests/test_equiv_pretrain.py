@@ -1,8 +1,9 @@
-"""equiv_pretrain.py: the losses against naive loops and hand-made heatmaps, the hourglass, and the script end to
-end (both stages and the end-to-end baseline, resume, exports, regress.py and match.py on the exports).
+"""equiv_pretrain.py: the losses against naive loops and hand-made heatmaps (the blocked Eq. 7 against the plain
+one), the views against per-image references and their ranges, the float32 warp under --amp, host syncs of a
+whole step, exports on another device, and (marked slow) the script end to end: both stages and the end-to-end
+baseline, bit-exact resume, exports, regress.py and match.py on them, and a check that stage 1 learns.
 
-Tiny settings throughout (64 px, a narrow hourglass, batches of 4) so that the file runs in about a minute on
-one core.
+Tiny settings throughout (64 px or less, a narrow hourglass, batches of 2-8): `-m "not slow"` runs in seconds.
 """
 import json
 import math
