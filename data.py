@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 import torchvision.transforms.functional as TF
 
 # =========================================================================================================
-# 1. Constants of every dataset
+# 1. Constants of every dataset, and the error a user can cause
 # =========================================================================================================
 FACE_MEAN = (0.5084, 0.4224, 0.3769)  # DVE's statistics of aligned CelebA, for every face dataset
 FACE_STD = (0.2599, 0.2371, 0.2323)
