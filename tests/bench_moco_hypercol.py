@@ -102,15 +102,6 @@ def views_speed(batch_size):
     mean, std = torch.tensor(dataset.mean).view(3, 1, 1), torch.tensor(dataset.std).view(3, 1, 1)
     normalize = data.Normalize(dataset.mean, dataset.std)
 
-    def timed(fn, repeats=5):  # the best of `repeats` after a warm-up: the least disturbed by other processes
-        fn()
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - start)
-        return best
-
     def old():  # per image, in a worker: both views
         g = torch.Generator().manual_seed(0)
         for image in rendered:
@@ -131,8 +122,13 @@ def views_speed(batch_size):
         for i in range(batch_size):
             dataset[i]
 
-    timings = {name: timed(fn) for name, fn in (("old", old), ("worker", new_worker), ("device", new_device),
-                                                 ("render", render))}
+    paths = {"old": old, "worker": new_worker, "device": new_device, "render": render}
+    timings = {name: float("inf") for name in paths}
+    for _ in range(6):  # interleaved rounds, the best of each: the least disturbed by other processes
+        for name, fn in paths.items():
+            start = time.perf_counter()
+            fn()
+            timings[name] = min(timings[name], time.perf_counter() - start)
     rate = lambda seconds: batch_size / seconds  # noqa: E731
     old_s, new_s = timings["old"], timings["worker"] + timings["device"]
     print(f"views_old: {rate(old_s):.0f} images/s (both views, per process, 1 thread)")
