@@ -28,8 +28,8 @@ of the face benchmarks; every length below is scaled by 96/128).
 
 Choices the paper leaves open, and deviations (each deliberate; the details in the functions named):
 - 96 px instead of the paper's 128 px; lengths scaled accordingly.
-- Hourglass widths 32, 64, 128, 128, bilinear upsampling, a final 1x1 conv to D without ReLU (cosine similarity
-  needs signed features), BATCH NORM after each 3x3 conv (without it, F learns slowly at lr 3e-4).
+- F: widths 32, 64, 128, 128, bilinear upsampling, a last 1x1 conv without ReLU (cosine similarity needs signs),
+  BATCH NORM after each 3x3 conv (without it F learns slowly at lr 3e-4).
 - Eq. 7: 64 points lambda per image, uniform; a pair whose g(lambda) leaves the frame is masked out; the
   negatives are all other kept features of the batch, from both images; both directions averaged.
 - g of stage 1: rotation +-30 deg, zoom log-uniform in [1/1.25, 1.25], shift +-10% of the width, then an
@@ -331,20 +331,18 @@ def detector_step(state, features, x, g, args, normalize, dtype):
 # Training loop (the same in every method file)
 # =========================================================================================================
 def train(args, stage, run, loader, step_fn, state, epochs, device):
-    """Train a stage for `epochs`: `step_fn(batch, generator) -> {"loss": tensor, other terms}` takes one
-    optimisation step; `state` names everything with a state_dict. Resume loads the state and the step, nothing
-    else: every random draw is a function of (seed, step). Returns False if --stop-after-steps stopped it."""
+    """`step_fn(batch, generator) -> {"loss": tensor, other terms}` takes one step; `state` names everything with a
+    state_dict. Resume loads the state and the step, nothing else: every random draw is a function of (seed,
+    step). Each epoch logs the mean of every term. Returns False if --stop-after-steps stopped the stage."""
     path, step = os.path.join(run, f"checkpoint_{stage}.pt"), 0
     if args.resume and os.path.exists(path):
         checkpoint = data.load_checkpoint(path)
         for key, obj in state.items():
             obj.load_state_dict(checkpoint["state"][key])
         step = checkpoint["step"]
-        print(f"{stage}: resumed {path} at step {step}")
     per_epoch = loader.batch_sampler.n // loader.batch_sampler.batch_size  # steps per epoch
     if per_epoch == 0 and epochs > 0:
-        raise SystemExit(f"error: {loader.batch_sampler.n} training images do not fill a batch of "
-                         f"{loader.batch_sampler.batch_size}")
+        raise SystemExit(f"error: {loader.batch_sampler.n} training images do not fill one batch; lower --batch-size")
 
     def save():
         data.save_checkpoint(path, state={k: o.state_dict() for k, o in state.items()}, step=step, args=vars(args))
@@ -465,10 +463,8 @@ def main(argv=None):
         stage, prefix = ("end2end", "end2end_") if end2end else ("stage2", "")
         run = data.start_run(args.runs_dir, SCRIPT, args.name, stage, args, args.resume)
         data.seed_everything(args.seed, args.deterministic)
-        if end2end:  # the baseline: F from scratch, trained by the detector's loss alone
-            features = Hourglass(args.equiv_widths, args.equiv_dim).to(device, memory_format=torch.channels_last)
-        else:
-            features = load_features(run, device)
+        features = Hourglass(args.equiv_widths, args.equiv_dim).to(device, memory_format=torch.channels_last) \
+            if end2end else load_features(run, device)  # the baseline: F from scratch, by the detector's loss alone
         detector = Detector(args.equiv_dim, args.equiv_k, args.equiv_det_width, args.equiv_logit_scale)
         detector = detector.to(device, memory_format=torch.channels_last)
         trained = {"detector": detector} | ({"features": features} if end2end else {})
