@@ -413,10 +413,6 @@ def evaluate(head, source, spec, batch_size, device, amp=None):
                             spec["size"], spec["eye_indices"], spec["pck_int_truncation"])
 
 
-def scalars(metrics):
-    return {k: v for k, v in metrics.items() if not isinstance(v, list)}
-
-
 def fit(head, spec, train, val, test, protocol, lr, weight_decay, epochs, batch_size, select_on, augment, device,
         seed, log=None, amp=None):
     """Train `head` on frozen features, evaluate val every epoch (and test when selecting on it), restore the
@@ -477,43 +473,42 @@ def collect_points(source, batch_size, device):
 # ---------------------------------------------------------------------------------------------------------
 # Plots
 # ---------------------------------------------------------------------------------------------------------
-def plot_predictions(images, pred, gt, visible, masks, path):
-    """Test images with true (green circles) and predicted (red crosses) landmarks, or predicted mask contours."""
+def figure(rows, cols, size):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    n = len(images)
-    cols = min(n, 4)
-    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(2.5 * cols, 2.5 * math.ceil(n / cols)), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i >= n:
-            continue
-        ax.imshow(images[i].permute(1, 2, 0).clamp(0, 1).numpy())
-        if masks is not None:  # predicted foreground probability as a red overlay
-            ax.imshow(masks[i][0].numpy(), cmap="Reds", alpha=0.45, vmin=0, vmax=1)
-            continue
-        v = visible[i]
-        ax.scatter(gt[i, v, 0], gt[i, v, 1], s=30, facecolors="none", edgecolors="lime", label="true")
-        ax.scatter(pred[i, v, 0], pred[i, v, 1], s=30, c="red", marker="x", label="predicted")
-    fig.suptitle("red: predicted foreground probability" if masks is not None else "green o: true, red x: predicted")
+    return plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+
+
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_predictions(images, pred, gt, visible, masks, path):
+    """Test images with true (green circles) and predicted (red crosses) landmarks, or the predicted foreground."""
+    fig, axes = figure(math.ceil(len(images) / 4), min(len(images), 4), (2.5, 2.5))
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(images[i].permute(1, 2, 0).clamp(0, 1).numpy())
+            if masks is not None:  # predicted foreground probability as a red overlay
+                ax.imshow(masks[i][0].numpy(), cmap="Reds", alpha=0.45, vmin=0, vmax=1)
+            else:
+                ax.scatter(*gt[i, visible[i]].T, s=30, facecolors="none", edgecolors="lime")
+                ax.scatter(*pred[i, visible[i]].T, s=30, c="red", marker="x")
+    fig.suptitle("red: predicted foreground probability" if masks is not None else "green o: true, red x: predicted")
+    save_figure(fig, path)
 
 
 def plot_few_shot(table, metric, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.errorbar([r["annotations"] for r in table], [r["mean"] for r in table], yerr=[r["std"] for r in table],
-                marker="o", capsize=3)
-    ax.set(xscale="log", xlabel="annotated training images", ylabel=f"test {metric}", title="few-shot regression")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig, axes = figure(1, 1, (5, 3.5))
+    axes[0, 0].errorbar([r["annotations"] for r in table], [r["mean"] for r in table],
+                        yerr=[r["std"] for r in table], marker="o", capsize=3)
+    axes[0, 0].set(xscale="log", xlabel="annotated training images", ylabel=f"test {metric}", title="few-shot")
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -199,7 +199,7 @@ def test_oracle_features_regress_well_and_random_features_do_not():
         head = regress.DVERegressor(5, 5)
         results[name] = regress.fit(head, spec, train, val, test, "contrastlandmark", 2e-2, 5e-4, 10, 16, "val",
                                     False, "cpu", seed=0)["test"]
-    print({k: regress.scalars(v) for k, v in results.items()})
+    print({k: (v["iod"], v["error_px"]) for k, v in results.items()})
     assert results["oracle"]["error_px"] < 1.0
     assert results["random"]["error_px"] > 4.0
     assert results["random"]["iod"] > 5 * results["oracle"]["iod"]
@@ -423,3 +423,17 @@ def test_cache_budget_is_half_the_free_device_memory_and_batches_come_to_the_dev
     batch = next(regress.batches(dict(store=store, indices=list(range(4))), torch.arange(4), 4, "meta",
                                  dtype=torch.bfloat16))
     assert batch["features"].device.type == "meta" and batch["features"].dtype == torch.bfloat16
+
+
+def test_protocol_dve_is_dves_recipe_one_flag_away(tmp_path):
+    """--protocol dve: DVE's N(0, 1) init on raw float32 features, amsgrad, the last epoch; the default differs."""
+    path = export_tiny(tmp_path / "tiny.pt2")
+    results = run(tmp_path, "--features", path, "--max-images", "8", "--epochs", "2", "--plot-images", "0",
+                  "--protocol", "dve")
+    settings = results["settings"]
+    assert (settings["lr"], settings["standardize"], settings["amp"], settings["select_on"]) == (1e-3, False, "none",
+                                                                                                "last")
+    assert settings["name"].endswith("-dve") and results["runs"][0]["selected_epoch"] == 2
+    args = regress.parse_args(["--features", path])
+    assert (args.epochs, args.lr, args.standardize, args.amp, args.select_on) == (20, 1e-2, True, "auto", "val")
+    assert regress.parse_args(["--features", path, "--protocol", "dve"]).epochs == 300
