@@ -13,7 +13,7 @@ Paper -> code:  Eq. 5, InfoNCE with a queue of negatives    -> info_nce, KeyQueu
                 key encoder update (MoCo, He et al. Eq. 2)  -> momentum_update, encode_in_splits (shuffle BN)
                 Sec. 3.1 hypercolumn                        -> Hypercolumn
                 Eq. 3-4 spatial contrastive loss, x' = x    -> spatial_contrastive_loss, Projector
-                the official views                          -> jpeg_noise, draw_view_params, moco_views
+                the official views                          -> jpeg_noise, view_params, moco_views
 
 Paper values (ContrastLandmark's code) and our CPU defaults in brackets: --arch resnet50 [resnet18, 4x cheaper;
 the paper reports both] | --epochs 800 [1 epoch of the 10,000 synthetic faces] | --batch-size 256 [32] | --lr
@@ -67,9 +67,7 @@ SCRIPT = os.path.splitext(os.path.basename(__file__))[0]
 LAYERS = ("layer1", "layer2", "layer3", "layer4")  # conv2_x .. conv5_x in the paper's names
 
 
-# =========================================================================================================
-# Settings
-# =========================================================================================================
+# ===== Settings =====
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="MoCo hypercolumns + spatial-contrastive projector (Cheng et al. "
                                 "2021)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -123,9 +121,7 @@ def get_args(argv=None):
     return args
 
 
-# =========================================================================================================
-# Model: the ResNet and its momentum copy, the queue of keys, the hypercolumn, the projector
-# =========================================================================================================
+# ===== Model =====
 def build_resnet(arch, out_dim, imagenet=False):
     """A torchvision ResNet whose fc maps the pooled features to the `out_dim`-d embedding (MoCo v1: no MLP)."""
     try:
@@ -213,9 +209,7 @@ class Projector(nn.Module):
         return (7 * y).flatten(2).softmax(-1).view_as(y) if self.softmax else y
 
 
-# =========================================================================================================
-# Losses
-# =========================================================================================================
+# ===== Losses =====
 def info_nce(q, k, queue, tau):
     """Eq. 5: -log exp(q.k+ / tau) / (exp(q.k+ / tau) + sum_j exp(q.k_j / tau)), averaged over the batch.
     q, k: N x dim, L2-normalised queries and their positive keys; queue: K x dim negatives k_j."""
@@ -237,9 +231,7 @@ def spatial_contrastive_loss(f, stride, tau=1 / 7, power=0.5):
     return (p * torch.cdist(cells, cells) ** power).sum(-1).mean()
 
 
-# =========================================================================================================
-# Views: JPEG noise in the data-loader workers, the rest on the device for a whole batch
-# =========================================================================================================
+# ===== Views =====
 PCA_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])  # ImageNet's RGB principal components (AlexNet lighting)
 PCA_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
 
@@ -274,7 +266,7 @@ class Images(torch.utils.data.Dataset):
         return {"query": jpeg_noise(image, g), "key": jpeg_noise(image, g)}
 
 
-def draw_view_params(n, height, width, g, crop_min=0.2, jitter=0.4, hue=0.0, grayscale=0.0):
+def view_params(n, height, width, g, crop_min=0.2, jitter=0.4, hue=0.0, grayscale=0.0):
     """The random parameters of n views, small tensors drawn from the CPU generator g: RandomResizedCrop's box
     (top, left, h, w: torchvision's 10 tries of an area fraction in [crop_min, 1] and a log-uniform aspect ratio in
     [3/4, 4/3], else the whole image), ColorJitter's factors (brightness, contrast, saturation in 1 +- jitter, hue
@@ -294,7 +286,7 @@ def draw_view_params(n, height, width, g, crop_min=0.2, jitter=0.4, hue=0.0, gra
             "gray": torch.rand(n, generator=g) < grayscale, "alpha": 0.1 * torch.randn(n, 3, generator=g)}
 
 
-def shift_hue(x, shift):
+def adjust_hue(x, shift):
     """torchvision's adjust_hue for a batch, each image (3, H, W) in [0, 1] turned by its own shift (in turns):
     RGB -> (hue, chroma c, value v), hue + shift, and back with the closed form v - c clamp(min(k, 4 - k), 0, 1),
     k = (n + hue) mod 6 for n = 5, 3, 1 (R, G, B), hue in sixths of a turn."""
@@ -307,7 +299,7 @@ def shift_hue(x, shift):
 
 
 def moco_views(images, p):
-    """The views of a batch of uint8 images (n, 3, H, W) on their device, with the parameters of draw_view_params
+    """The views of a batch of uint8 images (n, 3, H, W) on their device, with the parameters of view_params
     (on the same device): float (n, 3, H, W), about [0, 1], equal to torchvision's per-image ops (tested)."""
     n, _, height, width = images.shape
     top, left, h, w = p["box"].unbind(1)  # n each
@@ -327,38 +319,17 @@ def moco_views(images, p):
         # brightness, contrast and saturation blend the image with black, its mean grey and its grey
         other = torch.where(op == 1, gray.mean((1, 2, 3), keepdim=True), gray) * (op != 0)
         blend = torch.lerp(other, x, f).clamp_(0, 1)  # f x + (1 - f) other
-        x = torch.where(op == 3, shift_hue(x, f), blend) if p["order"].shape[1] == 4 else blend
+        x = torch.where(op == 3, adjust_hue(x, f), blend) if p["order"].shape[1] == 4 else blend
     x = torch.where(p["gray"].view(n, 1, 1, 1), TF.rgb_to_grayscale(x).expand_as(x), x)
     lighting = (p["alpha"] * PCA_EIGVAL.to(x)) @ PCA_EIGVEC.to(x).T  # n x 3, AlexNet's PCA colour noise
     return x + lighting.view(n, 3, 1, 1)
 
 
-def moco_step(state, view_q, view_k, g, args, dtype):
-    """One MoCo step (Eq. 5) on the normalised views N x 3 x S x S of N images; returns the loss, a tensor."""
-    model, key_model, queue, scaler = state["model"], state["key_model"], state["queue"], state["scaler"]
-    with data.autocast(view_q.device, dtype):
-        q = F.normalize(encode_in_splits(model, view_q, args.moco_bn_splits).float(), dim=1)  # N x dim
-        with torch.no_grad():
-            momentum_update(key_model, model, args.moco_momentum)
-            order = torch.randperm(len(view_k), generator=g).to(view_k.device)  # shuffle BN: keys in other splits
-            k = F.normalize(encode_in_splits(key_model, view_k, args.moco_bn_splits, order).float(), dim=1)
-    loss = info_nce(q, k, queue.keys, args.moco_tau)  # Eq. 5
-    state["optimizer"].zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()  # loss scaling only for fp16
-    scaler.step(state["optimizer"])
-    scaler.update()
-    state["scheduler"].step()
-    queue.push(k)  # the newest keys replace the oldest negatives
-    return loss.detach()
-
-
-# =========================================================================================================
-# Training loop (the same in every method file)
-# =========================================================================================================
+# ===== Training loop =====
 def train(args, stage, run, loader, step_fn, state, epochs, device):
-    """`step_fn(batch, generator) -> loss tensor` takes one step; `state` names everything with a state_dict. Resume
-    loads the state and the step, nothing else: every random draw is a function of (seed, epoch, index) in the
-    workers or of (seed, step) here. Returns False if --stop-after-steps stopped the stage."""
+    """`step_fn(batch, generator) -> loss` over `epochs` epochs: a bar, a log line and a checkpoint per epoch.
+    Resume loads `state` (all that has a state_dict) and the step, nothing else: every random draw is a function
+    of (seed, epoch, index) or (seed, step). Returns False if --stop-after-steps stopped it."""
     path, step = os.path.join(run, f"checkpoint_{stage}.pt"), 0
     if args.resume and os.path.exists(path):
         checkpoint = data.load_checkpoint(path)
@@ -367,15 +338,14 @@ def train(args, stage, run, loader, step_fn, state, epochs, device):
         step = checkpoint["step"]
     per_epoch = loader.batch_sampler.n // loader.batch_sampler.batch_size  # steps per epoch
     if per_epoch == 0 and epochs > 0:
-        raise SystemExit(f"error: {loader.batch_sampler.n} training images do not fill one batch; lower --batch-size")
+        raise SystemExit(f"error: {loader.batch_sampler.n} training images do not fill a batch; lower --batch-size")
 
-    def save():
-        data.save_checkpoint(path, state={k: o.state_dict() for k, o in state.items()}, step=step, args=vars(args))
-
+    def save(): data.save_checkpoint(path, state={k: o.state_dict() for k, o in state.items()}, step=step,
+                                     args=vars(args))
     for epoch in range(step // max(per_epoch, 1), epochs):
         loader.batch_sampler.epoch, loader.batch_sampler.start = epoch, step % per_epoch
-        total, start = torch.zeros((), device=device), time.time()
-        bar = tqdm(loader, desc=f"{stage} epoch {epoch + 1}/{epochs}", initial=step % per_epoch, total=per_epoch)
+        total, start, done = torch.zeros((), device=device), time.time(), step % per_epoch
+        bar = tqdm(loader, desc=f"{stage} epoch {epoch + 1}/{epochs}", initial=done, total=per_epoch)
         for batch in bar:
             loss = step_fn(data.to_device(batch, device), data.generator(args.seed, step))  # a tensor: no sync
             total, step = total + loss.detach(), step + 1
@@ -385,18 +355,40 @@ def train(args, stage, run, loader, step_fn, state, epochs, device):
                 save()
                 print(f"{stage}: stopped after step {step} (--stop-after-steps); continue with --resume")
                 return False
-        n, seconds = len(loader), time.time() - start
+        n, seconds = per_epoch - done, time.time() - start
         data.log(run, stage, {"stage": stage, "epoch": epoch + 1, "step": step, "loss": total.item() / n,
                               "lr": state["optimizer"].param_groups[0]["lr"], "seconds": round(seconds, 1),
                               "images_per_s": round(n * loader.batch_sampler.batch_size / seconds, 1)})
         save()
-    save()  # also when there was nothing to train (--epochs 0): later stages read this checkpoint
+    save()  # also for --epochs 0: later stages read this checkpoint
     return True
 
 
-# =========================================================================================================
-# Exports and pictures
-# =========================================================================================================
+def update(loss, optimizer, scaler):
+    """One optimiser step on `loss`; the scaler scales it only for fp16 (data.grad_scaler)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def moco_step(state, view_q, view_k, g, args, dtype):
+    """One MoCo step (Eq. 5) on the normalised views N x 3 x S x S of N images; returns the loss, a tensor."""
+    model, key_model, queue = state["model"], state["key_model"], state["queue"]
+    with data.autocast(view_q.device, dtype):
+        q = F.normalize(encode_in_splits(model, view_q, args.moco_bn_splits).float(), dim=1)  # N x dim
+        with torch.no_grad():
+            momentum_update(key_model, model, args.moco_momentum)
+            order = torch.randperm(len(view_k), generator=g).to(view_k.device)  # shuffle BN: keys in other splits
+            k = F.normalize(encode_in_splits(key_model, view_k, args.moco_bn_splits, order).float(), dim=1)
+    loss = info_nce(q, k, queue.keys, args.moco_tau)  # Eq. 5
+    update(loss, state["optimizer"], state["scaler"])
+    state["scheduler"].step()
+    queue.push(k)  # the newest keys replace the oldest negatives
+    return loss.detach()
+
+
+# ===== Exports and pictures =====
 def export(module, run, variant, info, args, groups):
     """Write <run>/<variant>.pt2: a frozen extractor of dense features from [0, 1] images (data.save_extractor)."""
     module = copy.deepcopy(module).float().cpu().eval().to(memory_format=torch.contiguous_format)
@@ -429,9 +421,7 @@ def load_backbone(run, device):
     return model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
 
 
-# =========================================================================================================
-# Main: seed, device, data, then each stage: model and optimiser, the loop, exports
-# =========================================================================================================
+# ===== Main =====
 def main(argv=None):
     args = get_args(argv)
     device = data.choose_device(args.device)
@@ -462,7 +452,7 @@ def main(argv=None):
 
         def step_fn(batch, g):  # batch: the JPEG-noised uint8 images, "query" and "key", N x 3 x S x S each
             images = torch.cat([batch["query"], batch["key"]])  # 2N x 3 x S x S: all views in one go
-            params = draw_view_params(len(images), args.image_size, args.image_size, g, args.moco_crop_min,
+            params = view_params(len(images), args.image_size, args.image_size, g, args.moco_crop_min,
                                       args.moco_jitter, args.moco_hue, args.moco_grayscale)
             views = normalize(moco_views(images, {k: v.to(device) for k, v in params.items()}))
             return moco_step(state, *views.chunk(2), g, args, dtype)
@@ -502,10 +492,7 @@ def main(argv=None):
             with torch.no_grad(), data.autocast(device, dtype):
                 h = hyper(normalize(batch["image"].float() / 255)).float()  # B x C x 24 x 24, frozen
             loss = spatial_contrastive_loss(projector(h), stride=args.image_size / hyper.size)
-            optimizer.zero_grad(set_to_none=True)
-            state["scaler"].scale(loss).backward()
-            state["scaler"].step(optimizer)
-            state["scaler"].update()
+            update(loss, optimizer, state["scaler"])
             return loss.detach()
 
         if not train(args, "project", run, loader, step_fn, state, args.proj_epochs, device):

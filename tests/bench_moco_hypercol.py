@@ -116,7 +116,7 @@ def views_speed(batch_size):
 
     def new_device():
         g = torch.Generator().manual_seed(0)
-        normalize(mh.moco_views(batch, mh.draw_view_params(len(batch), 96, 96, g)))
+        normalize(mh.moco_views(batch, mh.view_params(len(batch), 96, 96, g)))
 
     def render():
         for i in range(batch_size):
@@ -147,7 +147,7 @@ def host_syncs_per_step(batch_size):
     images = torch.randint(0, 256, (2 * batch_size, 3, 96, 96), dtype=torch.uint8)
     normalize, g = data.Normalize(data.FACE_MEAN, data.FACE_STD), data.generator(0, 0)
     with counter:
-        views = normalize(mh.moco_views(images, mh.draw_view_params(len(images), 96, 96, g)))
+        views = normalize(mh.moco_views(images, mh.view_params(len(images), 96, 96, g)))
         mh.moco_step(state, *views.chunk(2), g, args, torch.bfloat16)
     print(f"host_syncs_per_step: {len(counter.calls)} calls {counter.calls} (views, both encoders, Eq. 5, SGD, "
           f"momentum update, queue; the loss is read every --log-every steps)")
@@ -195,7 +195,7 @@ if stage == "pretrain":  # two steps: the optimiser's momentum buffers exist fro
     images = torch.randint(0, 256, (2 * batch, 3, 96, 96), dtype=torch.uint8)
     for step in range(2):
         g = data.generator(0, step)
-        views = mh.moco_views(images, mh.draw_view_params(len(images), 96, 96, g))
+        views = mh.moco_views(images, mh.view_params(len(images), 96, 96, g))
         mh.moco_step(state, *views.chunk(2), g, args, dtype)
 else:  # the projector on the frozen 3840-d hypercolumn at 24x24
     hyper = mh.Hypercolumn(state["model"].eval().requires_grad_(False), ["layer4", "layer3", "layer2", "layer1"], 24)

@@ -140,7 +140,7 @@ def reference_view(image, p, i):
 @pytest.mark.parametrize("flags", [{}, {"hue": 0.4, "grayscale": 0.5}, {"crop_min": 0.05, "jitter": 0.9}])
 def test_batched_views_equal_torchvision_image_by_image(flags):
     images = (torch.rand(6, 3, 1, 1) * torch.rand(6, 3, 40, 48) * 255).round().to(torch.uint8)  # coloured noise
-    p = mh.draw_view_params(6, 40, 48, torch.Generator().manual_seed(1), **flags)
+    p = mh.view_params(6, 40, 48, torch.Generator().manual_seed(1), **flags)
     views = mh.moco_views(images, p)
     assert views.shape == (6, 3, 40, 48)
     for i in range(6):
@@ -149,7 +149,7 @@ def test_batched_views_equal_torchvision_image_by_image(flags):
 
 def test_view_parameters_follow_the_official_distributions():
     n, g = 4000, torch.Generator().manual_seed(0)
-    p = mh.draw_view_params(n, 96, 96, g, crop_min=0.2, jitter=0.4, hue=0.1, grayscale=0.2)
+    p = mh.view_params(n, 96, 96, g, crop_min=0.2, jitter=0.4, hue=0.1, grayscale=0.2)
     top, left, h, w = p["box"].unbind(1)
     area, ratio = h * w / 96 ** 2, w / h
     torch.manual_seed(0)  # torchvision's own RandomResizedCrop draws from the global generator
@@ -166,7 +166,7 @@ def test_view_parameters_follow_the_official_distributions():
     assert (p["order"][:, 0] == 3).float().mean() == pytest.approx(0.25, abs=0.03)  # each adjustment first as often
     assert p["gray"].float().mean() == pytest.approx(0.2, abs=0.03)
     assert p["alpha"].std() == pytest.approx(0.1, rel=0.05)
-    whole = mh.draw_view_params(50, 96, 96, g, crop_min=1.0)["box"]  # only the whole image fits at area 1
+    whole = mh.view_params(50, 96, 96, g, crop_min=1.0)["box"]  # only the whole image fits at area 1
     assert torch.equal(whole, torch.tensor([0.0, 0, 96, 96]).expand(50, 4))
 
 
@@ -177,7 +177,7 @@ def test_view_ablation_flags_keep_the_whole_image_and_its_colours():
     centred = lambda x: x - x.mean(dim=(2, 3), keepdim=True)  # noqa: E731 (removes the lighting offset)
     errors = {}
     for name, flags in (("ablated", {"crop_min": 1.0, "jitter": 0.0}), ("official", {})):
-        p = mh.draw_view_params(6, 64, 64, torch.Generator().manual_seed(0), **flags)
+        p = mh.view_params(6, 64, 64, torch.Generator().manual_seed(0), **flags)
         errors[name] = (centred(mh.moco_views(ramp, p)) - centred(ramp.float() / 255)).abs().mean((1, 2, 3))
     assert errors["ablated"].max() < 1e-5
     assert errors["official"].max() > 0.05
@@ -202,7 +202,7 @@ def test_a_training_step_makes_no_host_sync(host_syncs):
     normalize, g = data.Normalize(data.FACE_MEAN, data.FACE_STD), data.generator(0, 0)
     for dtype in (None, torch.bfloat16):
         with host_syncs as counter:
-            p = mh.draw_view_params(8, 32, 32, g, args.moco_crop_min, args.moco_jitter, args.moco_hue,
+            p = mh.view_params(8, 32, 32, g, args.moco_crop_min, args.moco_jitter, args.moco_hue,
                                     args.moco_grayscale)
             loss = mh.moco_step(state, *normalize(mh.moco_views(images, p)).chunk(2), g, args, dtype)
         assert counter.calls == [] and loss.shape == ()
@@ -303,7 +303,7 @@ def test_moco_learns_on_the_synthetic_faces(tmp_path):
     dataset = data.make_dataset("synth-faces", "train", size=64, normalize=False, length=32)
     batch = torch.utils.data.default_collate([mh.Images(dataset, seed=5)[(0, i)] for i in range(32)])
     images = torch.cat([batch["query"], batch["key"]])
-    views = data.Normalize(dataset.mean, dataset.std)(mh.moco_views(images, mh.draw_view_params(
+    views = data.Normalize(dataset.mean, dataset.std)(mh.moco_views(images, mh.view_params(
         64, 64, 64, data.generator(5))))
     pairs = dict(zip(("query", "key"), views.chunk(2)))
 
