@@ -302,7 +302,7 @@ def adjust_hue(x, shift):
     r, g, b = x[:, :1], x[:, 1:2], x[:, 2:]
     safe = torch.where(c > 0, c, 1.0)  # grey pixels: C = 0, any hue
     h6 = torch.where(v == r, (g - b) / safe, torch.where(v == g, (b - r) / safe + 2, (r - g) / safe + 4)) + 6 * shift
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + h6) % 6  # N x 3 x H x W
+    k = (torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1) + h6) % 6  # n = 5, 3, 1: N x 3 x H x W
     return v - c * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 
@@ -521,7 +521,7 @@ def main(argv=None):
         loader = data.make_loader(Images(lead_set), args.batch_size, args.seed, workers, device)
         scheduler = warmup_cosine(optimizer, args.lead_epochs * len(loader), round(args.lead_warmup * len(loader)))
         scaler = data.grad_scaler(device, dtype)
-        k = torch.arange(args.batch_size)  # every batch is full (drop_last): the pairs are fixed index lists
+        k = torch.arange(args.batch_size, device=device)  # every batch is full (drop_last): fixed index lists
         other, warped = (k, k.roll(-1)), (k, k + args.batch_size)  # (k, k + 1) and (k, warped k)
         pairs = {"batch": [other], "views": [warped], "both": [other, warped]}[args.lead_pairs]
 

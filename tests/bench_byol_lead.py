@@ -11,7 +11,8 @@ Prints `name: value unit` lines, each with the thread count (torch's default, i.
                         the device's share (view_params and byol_views, two views, a batch at a time) on the CPU;
   host_syncs_per_step   syncing calls (tests/conftest.py's HostSyncs) in one step of each stage, --log-every 100;
   stage1_model_step     images/s of the BYOL step alone on fixed views (both views through the online network
-                        and predictor, the target, the loss, backward, SGD, EMA), median after 2 warm-up steps;
+                        and predictor, the target, the loss, backward, SGD, EMA), fp32 and bf16, median of --steps
+                        after a warm-up, alternated with the step before the rework (a Python EMA loop, .item());
   stage2_model_step     the same for the stage-2 step (frozen ResNet, decoder, head, Eq. 3, backward, Adam);
   stage1/2_end_to_end   images/s of a real run of the script (rendering, views, the step), from its log;
   stage2_peak_rss       peak resident memory of a fresh process taking stage-2 steps, with --lead-chunk and
@@ -131,7 +132,21 @@ def median_speed(step, batch_size, steps):
     return batch_size / sorted(times[2:])[len(times[2:]) // 2]
 
 
-def stage1_step(batch_size, amp, arch="resnet18", hidden=4096, size=96):
+def interleaved_speeds(steps, batch_size, rounds):
+    """Median images/s of each step function in `steps` (a dict), alternated after one warm-up call each, so that
+    all meet the same load of a shared machine."""
+    times = {name: [] for name in steps}
+    for step in steps.values():
+        step()
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: batch_size / sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def stage1_step(batch_size, amp, arch="resnet18", hidden=4096, size=96, old=False):
     torch.manual_seed(0)
     device = torch.device("cpu")
     dtype = data.amp_dtype(device, amp)
@@ -147,8 +162,15 @@ def stage1_step(batch_size, amp, arch="resnet18", hidden=4096, size=96):
             p1, p2 = [predictor(online(v)).float() for v in views]
             with torch.no_grad():
                 z1, z2 = [target(v).float() for v in views]
-        bl.update(bl.byol_loss(p1, p2, z1, z2), optimizer, scaler)
-        bl.ema_update(target, online, 0.996)
+        loss = bl.byol_loss(p1, p2, z1, z2)
+        bl.update(loss, optimizer, scaler)
+        if old:  # the step before the rework: a Python loop over the parameters, the loss read every step
+            with torch.no_grad():
+                for p_t, p_o in zip(target.parameters(), online.parameters()):
+                    p_t.mul_(0.996).add_(p_o.detach(), alpha=1 - 0.996)
+            loss.item()
+        else:
+            bl.ema_update(target, online, 0.996)
     return step
 
 
@@ -259,9 +281,12 @@ if __name__ == "__main__":
         before, peak = peak_rss(2, args.batch_size, args.amp, args.steps, chunk, pairs=args.lead_pairs)
         print(f"stage2_peak_rss: {peak:.0f} MB (--lead-chunk {chunk}, batch {args.batch_size}, pairs "
               f"{args.lead_pairs}; {before:.0f} MB before the first step)", flush=True)
-    speed = median_speed(stage1_step(args.batch_size, args.amp), args.batch_size, args.steps)
-    print(f"stage1_model_step: {speed:.1f} images/s (amp {args.amp}, batch {args.batch_size}, {threads} threads)",
-          flush=True)
+    for amp in ("none", "bf16"):
+        speeds = interleaved_speeds({"old": stage1_step(args.batch_size, amp, old=True),
+                                     "new": stage1_step(args.batch_size, amp)}, args.batch_size, args.steps)
+        print(f"stage1_model_step: {speeds['new']:.1f} images/s (amp {amp}, batch {args.batch_size}, {threads} "
+              f"threads; the old step's EMA loop and per-step .item(), alternated with it: {speeds['old']:.1f})",
+              flush=True)
     speed = median_speed(stage2_step(args.batch_size, args.amp, args.lead_pairs, args.lead_chunk), args.batch_size,
                          args.steps)
     print(f"stage2_model_step: {speed:.1f} images/s (amp {args.amp}, batch {args.batch_size}, pairs "
