@@ -276,8 +276,7 @@ def view_params(n, height, width, g, crop_min=0.2, jitter=0.4, hue=0.0, grayscal
     w, h = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()
     fits = (w <= width) & (h <= height)
     first = fits.int().argmax(1, keepdim=True)  # the first try that fits
-    h = torch.where(fits.any(1), h.gather(1, first)[:, 0], height)
-    w = torch.where(fits.any(1), w.gather(1, first)[:, 0], width)
+    h, w = [torch.where(fits.any(1), s.gather(1, first)[:, 0], full) for s, full in ((h, height), (w, width))]
     top, left = [(torch.rand(n, generator=g) * (side - s + 1)).floor() for side, s in ((height, h), (width, w))]
     factors = torch.cat([1 - jitter + 2 * jitter * torch.rand(n, 3, generator=g),
                          hue * (2 * torch.rand(n, 1, generator=g) - 1)], 1)  # n x 4
