@@ -458,8 +458,8 @@ def load_backbone(run, device):
 def main(argv=None):
     args = get_args(argv)
     device = data.choose_device(args.device)
-    dtype, workers = data.amp_dtype(device, args.amp), data.default_workers(device) if args.workers is None \
-        else args.workers
+    dtype = data.amp_dtype(device, args.amp)  # None: fp32
+    workers = data.default_workers(device) if args.workers is None else args.workers
     try:  # RGB in [0, 1]: the views are made before normalising
         info = data.make_dataset(args.dataset, "train", root=args.data_root, size=args.image_size, normalize=False)
     except data.DatasetError as error:
