@@ -317,7 +317,7 @@ def test_byol_and_lead_learn_on_the_synthetic_faces(tmp_path):
     assert loss_after < loss_before - 0.5 and spread_after > 0.5 * spread_before
 
     torch.manual_seed(0)  # an untrained decoder and head on the trained encoder
-    compact, head = bl.Compact(trained[0].encoder.eval(), 8).eval(), bl.LeadHead(8).eval()
+    compact, head = bl.Compact(trained[0].encoder.eval(), 8).eval(), bl.lead_head(8).eval()
     state = data.load_checkpoint(os.path.join(path, "checkpoint_stage2.pt"))["state"]
     images = torch.stack([dataset[i]["image"] for i in range(16)])
     warped = bl.lead_pairs(images, data.generator(5), zoom=1.0)
