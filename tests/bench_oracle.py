@@ -6,7 +6,7 @@ aligned synthetic faces at 96x96 with 48x48 feature maps:
   constant channel so that L2 normalisation leaves the empty background alone);
 * random features: white noise of the same shape.
 Regression: DVE's regressor trained with regress.py's default protocol (standardised features, warm-up and
-cosine, bf16, 20 epochs) on 500 training, 200 validation and 500 test images; the mean training shape beside it.
+cosine, bf16, 10 epochs) on 500 training, 200 validation and 500 test images; the mean training shape beside it.
 Matching: the benchmark's 500 pairs (seed 0) of the test split, dve and contrastlandmark variants.
 Prints ``name: value unit`` lines (px70: pixels of the 70x70 frame); the oracle's floor is the feature stride (DVE's head snaps its intermediate
 points to feature cells): ~0.77 px, i.e. ~2.8% IOD and ~0.56 in the 70x70 frame.
@@ -37,7 +37,7 @@ def main():
                 "random": lambda kp: torch.randn(len(kp), 5, 48, 48)}
     for name, make in features.items():
         train, val, test = (synthetic_store(s, n, 96, make) for s, n in (("train", 500), ("val", 200), ("test", 500)))
-        result = fit_default(train, val, test, spec, 20, 32)
+        result = fit_default(train, val, test, spec, 10, 32)
         print(f"regress_{name}_iod: {result['iod']:.2f} %")
         print(f"regress_{name}_error: {result['error_px']:.2f} px")
     reference = regress.mean_shape_reference(regress.split_keypoints(train), regress.split_keypoints(test), spec)

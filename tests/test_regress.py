@@ -435,5 +435,5 @@ def test_protocol_dve_is_dves_recipe_one_flag_away(tmp_path):
                                                                                                 "last")
     assert settings["name"].endswith("-dve") and results["runs"][0]["selected_epoch"] == 2
     args = regress.parse_args(["--features", path])
-    assert (args.epochs, args.lr, args.standardize, args.amp, args.select_on) == (20, 1e-2, True, "auto", "val")
+    assert (args.epochs, args.lr, args.standardize, args.amp, args.select_on) == (10, 1e-2, True, "auto", "val")
     assert regress.parse_args(["--features", path, "--protocol", "dve"]).epochs == 300
