@@ -68,9 +68,7 @@ import data
 SCRIPT = "equiv_pretrain"
 
 
-# =========================================================================================================
-# Settings
-# =========================================================================================================
+# ===== Settings =====
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -126,9 +124,7 @@ def get_args(argv=None):
     return args
 
 
-# =========================================================================================================
-# Model: the hourglass F, the detector T, the spatial softmax and the expected location
-# =========================================================================================================
+# ===== Model =====
 def conv_block(c_in, c_out):
     """Two 3x3 convolutions, each followed by batch norm and ReLU."""
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True),
@@ -182,9 +178,7 @@ def expected_location(heatmaps):
     return heatmaps.flatten(2) @ grid
 
 
-# =========================================================================================================
-# Losses
-# =========================================================================================================
+# ===== Losses =====
 def sample_features(f, points):
     """f (B, D, H, W), points (B, P, 2) normalised -> (B, P, D): bilinear at the exact sub-pixel points."""
     grid = points.unsqueeze(2).to(f.dtype)  # B x P x 1 x 2
@@ -245,9 +239,7 @@ def variance_loss(heatmaps):
     return (heatmaps.flatten(2) @ grid.pow(2).sum(1) - mean.pow(2).sum(-1)).sum(1).mean()
 
 
-# =========================================================================================================
-# Views: the workers render uint8 images; the warps g and the appearance change r are drawn on the device
-# =========================================================================================================
+# ===== Views =====
 class Images(torch.utils.data.Dataset):
     """Training image `index` as uint8 (3, H, W) for a key (epoch, index) of data.make_loader's sampler."""
 
@@ -282,13 +274,52 @@ def appearance(images, jitter, noise, g):
     return (images + noise * u[2] * torch.randn(images.shape, generator=on_device, device=images.device)).clamp(0, 1)
 
 
-def update(state, loss):
-    """One Adam step (loss scaling only for fp16) and one scheduler step."""
-    state["optimizer"].zero_grad(set_to_none=True)
-    state["scaler"].scale(loss).backward()
-    state["scaler"].step(state["optimizer"])
-    state["scaler"].update()
-    state["scheduler"].step()
+# ===== Training loop =====
+def train(args, stage, run, loader, step_fn, state, epochs, device):
+    """`step_fn(batch, generator) -> {"loss": tensor, other terms}` over `epochs` epochs: a bar, a log line (the
+    mean of each term) and a checkpoint per epoch. Resume loads `state` (all that has a state_dict) and the step,
+    nothing else: every random draw is a function of (seed, step). Returns False if --stop-after-steps stopped it."""
+    path, step = os.path.join(run, f"checkpoint_{stage}.pt"), 0
+    if args.resume and os.path.exists(path):
+        checkpoint = data.load_checkpoint(path)
+        for key, obj in state.items():
+            obj.load_state_dict(checkpoint["state"][key])
+        step = checkpoint["step"]
+    per_epoch = loader.batch_sampler.n // loader.batch_sampler.batch_size  # steps per epoch
+    if per_epoch == 0 and epochs > 0:
+        raise SystemExit(f"error: {loader.batch_sampler.n} training images do not fill a batch; lower --batch-size")
+
+    def save(): data.save_checkpoint(path, state={k: o.state_dict() for k, o in state.items()}, step=step,
+                                     args=vars(args))
+    for epoch in range(step // max(per_epoch, 1), epochs):
+        loader.batch_sampler.epoch, loader.batch_sampler.start = epoch, step % per_epoch
+        total, start, done = {}, time.time(), step % per_epoch  # total: each term's running sum, on the device
+        bar = tqdm(loader, desc=f"{stage} epoch {epoch + 1}/{epochs}", initial=done, total=per_epoch)
+        for batch in bar:
+            terms = step_fn(data.to_device(batch, device), data.generator(args.seed, step))  # tensors: no sync
+            total, step = {k: total.get(k, 0) + v for k, v in terms.items()}, step + 1
+            if step % args.log_every == 0:
+                bar.set_postfix(loss=f"{terms['loss'].item():.4f}")  # the only host sync of a step
+            if step == args.stop_after_steps:
+                save()
+                print(f"{stage}: stopped after step {step} (--stop-after-steps); continue with --resume")
+                return False
+        n, seconds = per_epoch - done, time.time() - start
+        means = {k: v.item() / n for k, v in total.items()}  # "loss" and each term
+        data.log(run, stage, {"stage": stage, "epoch": epoch + 1, "step": step, **means,
+                              "lr": state["optimizer"].param_groups[0]["lr"], "seconds": round(seconds, 1),
+                              "images_per_s": round(n * loader.batch_sampler.batch_size / seconds, 1)})
+        save()
+    save()  # also for --epochs 0: later stages read this checkpoint
+    return True
+
+
+def update(loss, optimizer, scaler):
+    """One optimiser step on `loss`; the scaler scales it only for fp16 (data.grad_scaler)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def stage1_step(state, x, g, args, normalize, dtype):
@@ -304,7 +335,8 @@ def stage1_step(state, x, g, args, normalize, dtype):
     pairs = sample_features(f, lam).flatten(0, 1), sample_features(f_prime, lam_prime.nan_to_num()).flatten(0, 1)
     loss_fn = equivariant_contrastive_loss if len(keep) < 4096 else equivariant_contrastive_loss_blocked
     loss = loss_fn(*pairs, args.equiv_tau, keep)  # pairs: B P x D each
-    update(state, loss)
+    update(loss, state["optimizer"], state["scaler"])
+    state["scheduler"].step()
     return {"loss": loss.detach()}
 
 
@@ -323,55 +355,12 @@ def detector_step(state, features, x, g, args, normalize, dtype):
              "diversity": diversity_loss(heatmaps, patch), "concentration": variance_loss(heatmaps)}
     loss = terms["equivariance"] + args.equiv_div_weight * terms["diversity"] + \
         args.equiv_var_weight * terms["concentration"]
-    update(state, loss)
+    update(loss, state["optimizer"], state["scaler"])
+    state["scheduler"].step()
     return {"loss": loss.detach()} | {k: v.detach() for k, v in terms.items()}
 
 
-# =========================================================================================================
-# Training loop (the same in every method file)
-# =========================================================================================================
-def train(args, stage, run, loader, step_fn, state, epochs, device):
-    """`step_fn(batch, generator) -> {"loss": tensor, other terms}` takes one step; `state` names everything with a
-    state_dict. Resume loads the state and the step, nothing else: every random draw is a function of (seed,
-    step). Each epoch logs the mean of every term. Returns False if --stop-after-steps stopped the stage."""
-    path, step = os.path.join(run, f"checkpoint_{stage}.pt"), 0
-    if args.resume and os.path.exists(path):
-        checkpoint = data.load_checkpoint(path)
-        for key, obj in state.items():
-            obj.load_state_dict(checkpoint["state"][key])
-        step = checkpoint["step"]
-    per_epoch = loader.batch_sampler.n // loader.batch_sampler.batch_size  # steps per epoch
-    if per_epoch == 0 and epochs > 0:
-        raise SystemExit(f"error: {loader.batch_sampler.n} training images do not fill one batch; lower --batch-size")
-
-    def save():
-        data.save_checkpoint(path, state={k: o.state_dict() for k, o in state.items()}, step=step, args=vars(args))
-
-    for epoch in range(step // max(per_epoch, 1), epochs):
-        loader.batch_sampler.epoch, loader.batch_sampler.start = epoch, step % per_epoch
-        total, start = {}, time.time()  # running sums of the loss terms, on the device
-        bar = tqdm(loader, desc=f"{stage} epoch {epoch + 1}/{epochs}", initial=step % per_epoch, total=per_epoch)
-        for batch in bar:
-            terms = step_fn(data.to_device(batch, device), data.generator(args.seed, step))  # tensors: no sync
-            total, step = {k: total.get(k, 0) + v for k, v in terms.items()}, step + 1
-            if step % args.log_every == 0:
-                bar.set_postfix(loss=f"{terms['loss'].item():.4f}")  # the only host sync of a step
-            if step == args.stop_after_steps:
-                save()
-                print(f"{stage}: stopped after step {step} (--stop-after-steps); continue with --resume")
-                return False
-        n, seconds = len(loader), time.time() - start
-        data.log(run, stage, {"stage": stage, "epoch": epoch + 1, "step": step} | {k: v.item() / n for k, v in
-                 total.items()} | {"lr": state["optimizer"].param_groups[0]["lr"], "seconds": round(seconds, 1),
-                                   "images_per_s": round(n * loader.batch_sampler.batch_size / seconds, 1)})
-        save()
-    save()  # also when there was nothing to train (--epochs 0): later stages read this checkpoint
-    return True
-
-
-# =========================================================================================================
-# Exports and pictures
-# =========================================================================================================
+# ===== Exports and pictures =====
 def export(module, run, variant, info, args, groups, kind="features"):
     """Write <run>/<variant>.pt2: a frozen extractor of [0, 1] images, data.save_extractor's contract; `kind` is
     "features" (dense descriptors) or "heatmaps" (one probability map per discovered landmark)."""
@@ -417,9 +406,7 @@ def load_features(run, device):
     return model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)  # channels_last: faster
 
 
-# =========================================================================================================
-# Main: seed, device, data, then the stages (model and optimiser, train, exports)
-# =========================================================================================================
+# ===== Main =====
 def main(argv=None):
     args = get_args(argv)
     device = data.choose_device(args.device)
