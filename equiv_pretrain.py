@@ -13,13 +13,11 @@ runs/equiv_pretrain/<name>/ (`--stage all`, the default, runs stage1 then stage2
 `--epochs 0` exports untrained networks. Evaluate the features with `match.py --equivariance` (Acc(d), Fig. 2)
 and the discovered landmarks with `regress.py --head ridge` (Tab. 3-6).
 
-Paper -> code:  hourglass F (Sec. 4.1), detector T (Sec. 2)  -> Hourglass, Detector (its spatial softmax)
-                soft-argmax                                  -> expected_location
-                Eq. 7 equivariant contrastive loss           -> equivariant_contrastive_loss (its blocked twin for
-                                                                large batches), sample_features, stage1_step
-                Eq. 2, Eq. 3, concentration penalty          -> equivariance_loss, diversity_loss, variance_loss,
-                                                                detector_step
+Paper -> code:  F (Sec. 4.1), T (Sec. 2), soft-argmax         -> Hourglass, Detector, expected_location
+                Eq. 7 equivariant contrastive loss           -> equivariant_contrastive_loss[_blocked], sample_features
+                Eq. 2, Eq. 3, concentration penalty          -> equivariance_loss, diversity_loss, variance_loss
                 g (warps) and r (appearance) of Eq. 7        -> random_warp, appearance
+                a step of stage 1, of stage 2 / end to end   -> stage1_step, detector_step
 
 Paper values next to our CPU defaults: 20 epochs per stage (--epochs 1 and --equiv-det-epochs 2 of 2,048
 synthetic faces) | Adam lr 3e-4 (same), lr x0.9 per epoch (same), L2 5e-4 (same, Adam's weight_decay) | tau 0.1
@@ -27,7 +25,6 @@ synthetic faces) | Adam lr 3e-4 (same), lr x0.9 per epoch (same), L2 5e-4 (same,
 of the face benchmarks; every length below is scaled by 96/128).
 
 Choices the paper leaves open, and deviations (each deliberate; the details in the functions named):
-- 96 px instead of the paper's 128 px; lengths scaled accordingly.
 - F: widths 32, 64, 128, 128, bilinear upsampling, a last 1x1 conv without ReLU (cosine similarity needs signs),
   BATCH NORM after each 3x3 conv (without it F learns slowly at lr 3e-4).
 - Eq. 7: 64 points lambda per image, uniform; a pair whose g(lambda) leaves the frame is masked out; the
@@ -35,6 +32,8 @@ Choices the paper leaves open, and deviations (each deliberate; the details in t
 - g of stage 1: rotation +-30 deg, zoom log-uniform in [1/1.25, 1.25], shift +-10% of the width, then an
   elastic warp (rms 0.05, smoothness 0.2); r: brightness and contrast in [0.7, 1.3], noise of std up to 0.04.
   g of stage 2: the same rotation and elastic warp (match.py's Acc(d) warps). T: two 3x3 convs (width 32).
+  The loader only renders uint8 images; g, lambda and r are drawn per step from data.generator(seed, step) on
+  the CPU and applied to the batch on the device, so a checkpoint holds no random state.
 - Eq. 2 in x's frame through the warp's analytic backward map (no gradient through Newton's iterations); g x
   warped in float32 even under --amp, by exactly the map Eq. 2 undoes.
 - Eq. 3 as Thewlis et al. 2017 (which the paper cites) define it, as we read it (the paper's formula could not
@@ -42,8 +41,6 @@ Choices the paper leaves open, and deviations (each deliberate; the details in t
 - Loss weights and sharpness (the paper gives neither): diversity 3, concentration 1, T's logits x 10: the
   combination that gave ten sharp, distinct landmarks in one epoch (the runs: docs/equiv_pretrain.md).
 - --end-to-end trains F and T together for --epochs + --equiv-det-epochs epochs: the two stages' steps.
-- Every random draw after initialisation (warps, points, appearance) comes from data.generator(seed, step) on
-  the CPU and is moved to the device; the loader only renders uint8 images. A checkpoint holds no random state.
 
 On a GPU, --amp auto and --deterministic do what --help says; --workers defaults to the machine's cores.
 
@@ -75,8 +72,8 @@ def get_args(argv=None):
     add, switch = p.add_argument, argparse.BooleanOptionalAction
     add("--stage", default="all", choices=["all", "1", "2"],
         help="1: pretrain F (Eq. 7); 2: the detector on frozen F, read from stage 1 of the same --name")
-    add("--end-to-end", action=switch, default=False, help="the baseline instead: F and T trained together from "
-        "scratch on the stage-2 loss (stage 1 skipped); writes end2end_* files, so it can share a --name")
+    add("--end-to-end", action=switch, default=False, help="the baseline: F and T trained together from scratch "
+        "on the stage-2 loss (no stage 1); writes end2end_* files, so it can share a --name")
     add("--dataset", default="synth-faces", choices=list(data.DATASETS), help="training data (see data.py)")
     add("--data-root", default=None, help="dataset folder, for real datasets only")
     add("--image-size", type=int, default=96, help="side of the square input images (the protocol uses 96)")
@@ -108,8 +105,7 @@ def get_args(argv=None):
     add("--equiv-k", type=int, default=10, help="K, landmarks the detector discovers (paper 10, 20, 30, 50)")
     add("--equiv-det-width", type=int, default=32, help="channels of the detector T's two 3x3 convs")
     add("--equiv-det-epochs", type=int, default=2, help="epochs of stage 2 (paper 20; cheap: F is frozen)")
-    add("--equiv-logit-scale", type=float, default=10.0, help="fixed factor on T's output before the spatial "
-        "softmax; at 1, Adam at lr 3e-4 needs thousands of steps to make the heatmaps sharp")
+    add("--equiv-logit-scale", type=float, default=10.0, help="factor on T's logits; at 1 heatmaps stay blurred long")
     add("--equiv-div-weight", type=float, default=3.0, help="weight of Eq. 3; raise it if landmarks pile up")
     add("--equiv-var-weight", type=float, default=1.0, help="weight of concentration; raise it if maps stay blurred")
     args = p.parse_args(argv)
@@ -213,8 +209,7 @@ def equivariant_contrastive_loss_blocked(f, f_prime, tau, keep, rows=1024):
         return F.cross_entropy(logits.masked_fill(itself | ~kept, float("-inf")), positives[start:start + rows],
                                reduction="sum")
 
-    total = sum(checkpoint(block, z, start, use_reentrant=False) for start in range(0, 2 * n, rows))
-    return total / kept.sum()
+    return sum(checkpoint(block, z, start, use_reentrant=False) for start in range(0, 2 * n, rows)) / kept.sum()
 
 
 def equivariance_loss(points, points_warped, warp):
@@ -371,28 +366,19 @@ def export(module, run, variant, info, args, groups, kind="features"):
     print(f"exported {os.path.join(run, variant)}.pt2: {meta['channels']} x {meta['output_size']} {kind}")
 
 
-def save_landmarks(path, images, heatmaps, title):
+def save_landmarks(path, images, heatmaps):
     """One PNG (Fig. 3-5 style): images (n, 3, H, W) in [0, 1] with the expected locations of their heatmaps
     (n, K, H, W) as coloured 3x3 dots, above the heatmaps, each scaled to its peak and coloured like its dot."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     n, k, height, width = heatmaps.shape
-    hsv = torch.stack([(torch.arange(k) * 0.618034) % 1, torch.full((k,), 0.9), torch.ones(k)], 1)  # golden-ratio
-    rgb = torch.tensor(matplotlib.colors.hsv_to_rgb(hsv.numpy()), dtype=torch.float32)  # hues: K x 3 colours
+    hue = 6 * ((torch.arange(k) * 0.618034) % 1)  # golden-ratio steps: landmarks j and j + 1 far apart in colour
+    sector = (hue[:, None] + torch.tensor([5.0, 3.0, 1.0])) % 6  # K x 3, HSV (hue, 0.9, 1) -> RGB below
+    rgb = 1 - 0.9 * torch.minimum(sector, 4 - sector).clamp(0, 1)  # K x 3
     dotted, points = images.clone(), data.to_pixels(expected_location(heatmaps), (height, width)).round().long()
     for i in range(n):
         for j, (x, y) in enumerate(points[i].tolist()):  # points: n x K x (x, y) pixels
             dotted[i, :, max(y - 1, 0):y + 2, max(x - 1, 0):x + 2] = rgb[j].view(3, 1, 1)
     maps = torch.einsum("nkhw,kc->nchw", heatmaps / heatmaps.amax((2, 3), keepdim=True), rgb)  # n x 3 x H x W
-    fig, axes = plt.subplots(2, n, figsize=(1.5 * n, 3.3), squeeze=False)
-    for i in range(n):
-        for row, picture in enumerate((dotted[i], maps[i])):
-            axes[row, i].imshow(picture.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-            axes[row, i].axis("off")
-    fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    data.save_pictures(path, dotted, maps)
 
 
 def load_features(run, device):
@@ -471,8 +457,7 @@ def main(argv=None):
         export(extractor, run, f"{prefix}heatmaps", info, args, [["landmarks", 0, args.equiv_k]], "heatmaps")
         with torch.no_grad(), data.autocast(device, dtype):
             heatmaps = extractor(normalize(figure_images.to(device))).float().cpu()  # 8 x K x S x S
-        save_landmarks(os.path.join(run, f"{prefix}landmarks.png"), figure_images, heatmaps, f"{args.equiv_k} "
-                       f"discovered landmarks, {'end to end' if end2end else 'two-step'}, {epochs} epochs")
+        save_landmarks(os.path.join(run, f"{prefix}landmarks.png"), figure_images, heatmaps)
 
 
 if __name__ == "__main__":
