@@ -9,7 +9,7 @@ runs/equiv_pretrain/<name>/ (`--stage all`, the default, runs stage1 then stage2
   stage1        F by the equivariant contrastive loss (Eq. 7) -> features.pt2 (64-d features);
   stage2        the detector T on frozen F (Eq. 2 + Eq. 3 + concentration) -> heatmaps.pt2 (F + T), landmarks.png;
   --end-to-end  (end2end) the baseline of Tab. 6 / Fig. 1: F and T trained together from scratch on the stage-2
-                loss -> end2end_features.pt2, end2end_heatmaps.pt2, end2end_landmarks.png.
+                loss for --epochs + --equiv-det-epochs epochs -> end2end_{features,heatmaps}.pt2, end2end_landmarks.png.
 `--epochs 0` exports untrained networks. Evaluate the features with `match.py --equivariance` (Acc(d), Fig. 2)
 and the discovered landmarks with `regress.py --head ridge` (Tab. 3-6).
 
@@ -34,13 +34,10 @@ Choices the paper leaves open, and deviations (each deliberate; the details in t
   g of stage 2: the same rotation and elastic warp (match.py's Acc(d) warps). T: two 3x3 convs (width 32).
   The loader only renders uint8 images; g, lambda and r are drawn per step from data.generator(seed, step) on
   the CPU and applied to the batch on the device, so a checkpoint holds no random state.
-- Eq. 2 in x's frame through the warp's analytic backward map (no gradient through Newton's iterations); g x
-  warped in float32 even under --amp, by exactly the map Eq. 2 undoes.
-- Eq. 3 as Thewlis et al. 2017 (which the paper cites) define it, as we read it (the paper's formula could not
-  be consulted offline), on 6x6 patches at 96 px (8x8 at 128).
+- Eq. 2 in x's frame through the warp's analytic backward map (no gradient through Newton's iterations).
+- Eq. 3 as Thewlis et al. 2017 (cited by the paper) define it, as we read it (the paper's formula was not at hand).
 - Loss weights and sharpness (the paper gives neither): diversity 3, concentration 1, T's logits x 10: the
   combination that gave ten sharp, distinct landmarks in one epoch (the runs: docs/equiv_pretrain.md).
-- --end-to-end trains F and T together for --epochs + --equiv-det-epochs epochs: the two stages' steps.
 
 On a GPU, --amp auto and --deterministic do what --help says; --workers defaults to the machine's cores.
 
@@ -109,10 +106,9 @@ def get_args(argv=None):
     add("--equiv-div-weight", type=float, default=3.0, help="weight of Eq. 3; raise it if landmarks pile up")
     add("--equiv-var-weight", type=float, default=1.0, help="weight of concentration; raise it if maps stay blurred")
     args = p.parse_args(argv)
-    widths = args.equiv_widths.split(",")
-    if len(widths) != 4 or not all(w.isdigit() and int(w) > 0 for w in widths):
+    args.equiv_widths = [int(w) if w.isdigit() else 0 for w in args.equiv_widths.split(",")]
+    if len(args.equiv_widths) != 4 or min(args.equiv_widths) < 1:
         p.error("--equiv-widths takes four comma-separated positive integers, e.g. 32,64,128,128")
-    args.equiv_widths = [int(w) for w in widths]
     if args.end_to_end and args.stage != "all":
         p.error("--end-to-end trains F and T in one stage; drop --stage")
     if args.log_every < 1:
@@ -133,8 +129,7 @@ class Hourglass(nn.Module):
 
     def __init__(self, widths=(32, 64, 128, 128), dim=64):
         super().__init__()
-        ins = [3] + list(widths[:-1])
-        self.down = nn.ModuleList(conv_block(a, b) for a, b in zip(ins, widths))
+        self.down = nn.ModuleList(conv_block(a, b) for a, b in zip([3] + list(widths[:-1]), widths))
         self.bottom = conv_block(widths[-1], widths[-1])
         outs = list(widths[::-1])  # decoder block i outputs the width of the encoder block it mirrors
         self.up = nn.ModuleList(conv_block(below + skip, skip) for below, skip in zip([widths[-1]] + outs[:-1], outs))
@@ -203,11 +198,9 @@ def equivariant_contrastive_loss_blocked(f, f_prime, tau, keep, rows=1024):
     positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device).where(kept, -100)
 
     def block(z, start):  # the summed cross-entropy of anchors start .. start + rows
-        logits = z[start:start + rows] @ z.T / tau  # rows x 2N
-        anchors = torch.arange(start, start + len(logits), device=z.device)[:, None]  # rows x 1
-        itself = torch.arange(2 * n, device=z.device) == anchors  # rows x 2N
-        return F.cross_entropy(logits.masked_fill(itself | ~kept, float("-inf")), positives[start:start + rows],
-                               reduction="sum")
+        logits = (z[start:start + rows] @ z.T / tau).masked_fill(~kept, float("-inf"))  # rows x 2N
+        logits.diagonal(start).fill_(float("-inf"))  # (i, start + i): no anchor is its own negative
+        return F.cross_entropy(logits, positives[start:start + rows], reduction="sum")
 
     return sum(checkpoint(block, z, start, use_reentrant=False) for start in range(0, 2 * n, rows)) / kept.sum()
 
@@ -219,9 +212,8 @@ def equivariance_loss(points, points_warped, warp):
 
 
 def diversity_loss(heatmaps, patch):
-    """Eq. 3: max-pool each heatmap over non-overlapping patch x patch cells, then per cell
-    sum_k pooled_k - max_k pooled_k (zero unless two maps have mass in the cell), summed over cells, averaged
-    over images. heatmaps: (B, K, H, W) probabilities."""
+    """Eq. 3 on heatmaps (B, K, H, W) of probabilities: max-pool each over non-overlapping patch x patch cells;
+    per cell sum_k pooled_k - max_k pooled_k (0 unless two maps have mass in it); summed over cells, mean over B."""
     pooled = F.max_pool2d(heatmaps, patch, patch, ceil_mode=True)  # B x K x H/patch x W/patch
     return (pooled.sum(1) - pooled.amax(1)).sum((1, 2)).mean()
 
@@ -258,9 +250,8 @@ def random_warp(n, args, g, device, zoom_and_shift):
 
 
 def appearance(images, jitter, noise, g):
-    """r of Eq. 7 on (B, 3, H, W) images in [0, 1]: brightness and contrast factors within 1 +- jitter, then
-    Gaussian noise of a std uniform in [0, noise], each drawn per image from the CPU generator g; the noise itself
-    by a generator on the images' device seeded from g (no image-sized copy)."""
+    """r of Eq. 7 on images (B, 3, H, W) in [0, 1]: brightness and contrast factors in 1 +- jitter, then Gaussian
+    noise of std U[0, noise], per image from the CPU generator g; the noise by a device generator seeded from g."""
     u = torch.rand(3, len(images), 1, 1, 1, generator=g).to(images.device)  # 3 x B x 1 x 1 x 1
     images = images * (1 + jitter * (2 * u[0] - 1))  # brightness
     mean = images.mean((1, 2, 3), keepdim=True)
@@ -357,8 +348,8 @@ def detector_step(state, features, x, g, args, normalize, dtype):
 
 # ===== Exports and pictures =====
 def export(module, run, variant, info, args, groups, kind="features"):
-    """Write <run>/<variant>.pt2: a frozen extractor of [0, 1] images, data.save_extractor's contract; `kind` is
-    "features" (dense descriptors) or "heatmaps" (one probability map per discovered landmark)."""
+    """<run>/<variant>.pt2: a frozen extractor of [0, 1] images (data.save_extractor's contract), `kind` "features"
+    (dense descriptors) or "heatmaps" (one probability map per discovered landmark)."""
     module = copy.deepcopy(module).float().cpu().eval().to(memory_format=torch.contiguous_format)
     meta = {"input_size": [args.image_size] * 2, "kind": kind, "method": SCRIPT, "variant": variant,
             "channel_groups": groups, "arch": args.arch, "dataset": args.dataset, "epochs": args.epochs}
