@@ -19,10 +19,9 @@ Paper -> code:  F (Sec. 4.1), T (Sec. 2), soft-argmax         -> Hourglass, Dete
                 g (warps) and r (appearance) of Eq. 7        -> random_warp, appearance
                 a step of stage 1, of stage 2 / end to end   -> stage1_step, detector_step
 
-Paper values next to our CPU defaults: 20 epochs per stage (--epochs 1 and --equiv-det-epochs 2 of 2,048
-synthetic faces) | Adam lr 3e-4 (same), lr x0.9 per epoch (same), L2 5e-4 (same, Adam's weight_decay) | tau 0.1
-(same) | D = 64 (same) | K = 10, 20, 30, 50 landmarks (--equiv-k 10) | 128 px on BBC Pose (96 px: the protocol
-of the face benchmarks; every length below is scaled by 96/128).
+Paper values next to our CPU defaults: 20 epochs per stage (--epochs 1, --equiv-det-epochs 2, 2,048 synthetic
+faces) | Adam lr 3e-4, x0.9 per epoch, L2 5e-4 as weight_decay (same) | tau 0.1, D = 64 (same) | K = 10, 20, 30,
+50 (--equiv-k 10) | 128 px on BBC Pose (96 px, the face benchmarks' protocol; all lengths scaled by 96/128).
 
 Choices the paper leaves open, and deviations (each deliberate; the details in the functions named):
 - F: widths 32, 64, 128, 128, bilinear upsampling, a last 1x1 conv without ReLU (cosine similarity needs signs),
@@ -32,8 +31,7 @@ Choices the paper leaves open, and deviations (each deliberate; the details in t
 - g of stage 1: rotation +-30 deg, zoom log-uniform in [1/1.25, 1.25], shift +-10% of the width, then an
   elastic warp (rms 0.05, smoothness 0.2); r: brightness and contrast in [0.7, 1.3], noise of std up to 0.04.
   g of stage 2: the same rotation and elastic warp (match.py's Acc(d) warps). T: two 3x3 convs (width 32).
-  The loader only renders uint8 images; g, lambda and r are drawn per step from data.generator(seed, step) on
-  the CPU and applied to the batch on the device, so a checkpoint holds no random state.
+  g, lambda and r come from data.generator(seed, step), applied on the device; the loader only renders images.
 - Eq. 2 in x's frame through the warp's analytic backward map (no gradient through Newton's iterations).
 - Eq. 3 as Thewlis et al. 2017 (cited by the paper) define it, as we read it (the paper's formula was not at hand).
 - Loss weights and sharpness (the paper gives neither): diversity 3, concentration 1, T's logits x 10: the
@@ -67,10 +65,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add, switch = p.add_argument, argparse.BooleanOptionalAction
-    add("--stage", default="all", choices=["all", "1", "2"],
-        help="1: pretrain F (Eq. 7); 2: the detector on frozen F, read from stage 1 of the same --name")
-    add("--end-to-end", action=switch, default=False, help="the baseline: F and T trained together from scratch "
-        "on the stage-2 loss (no stage 1); writes end2end_* files, so it can share a --name")
+    add("--stage", default="all", choices=["all", "1", "2"], help="1: F (Eq. 7); 2: T on stage 1's F of this --name")
+    add("--end-to-end", action=switch, default=False, help="baseline: F and T together from scratch -> end2end_*")
     add("--dataset", default="synth-faces", choices=list(data.DATASETS), help="training data (see data.py)")
     add("--data-root", default=None, help="dataset folder, for real datasets only")
     add("--image-size", type=int, default=96, help="side of the square input images (the protocol uses 96)")
@@ -348,8 +344,7 @@ def detector_step(state, features, x, g, args, normalize, dtype):
 
 # ===== Exports and pictures =====
 def export(module, run, variant, info, args, groups, kind="features"):
-    """<run>/<variant>.pt2: a frozen extractor of [0, 1] images (data.save_extractor's contract), `kind` "features"
-    (dense descriptors) or "heatmaps" (one probability map per discovered landmark)."""
+    """<run>/<variant>.pt2: a frozen extractor of [0, 1] images (data.save_extractor); kind: features or heatmaps."""
     module = copy.deepcopy(module).float().cpu().eval().to(memory_format=torch.contiguous_format)
     meta = {"input_size": [args.image_size] * 2, "kind": kind, "method": SCRIPT, "variant": variant,
             "channel_groups": groups, "arch": args.arch, "dataset": args.dataset, "epochs": args.epochs}
@@ -361,9 +356,8 @@ def save_landmarks(path, images, heatmaps):
     """One PNG (Fig. 3-5 style): images (n, 3, H, W) in [0, 1] with the expected locations of their heatmaps
     (n, K, H, W) as coloured 3x3 dots, above the heatmaps, each scaled to its peak and coloured like its dot."""
     n, k, height, width = heatmaps.shape
-    hue = 6 * ((torch.arange(k) * 0.618034) % 1)  # golden-ratio steps: landmarks j and j + 1 far apart in colour
-    sector = (hue[:, None] + torch.tensor([5.0, 3.0, 1.0])) % 6  # K x 3, HSV (hue, 0.9, 1) -> RGB below
-    rgb = 1 - 0.9 * torch.minimum(sector, 4 - sector).clamp(0, 1)  # K x 3
+    sector = (6 * ((torch.arange(k)[:, None] * 0.618034) % 1) + torch.tensor([5.0, 3.0, 1.0])) % 6  # K x 3
+    rgb = 1 - 0.9 * torch.minimum(sector, 4 - sector).clamp(0, 1)  # HSV (golden-ratio hues, 0.9, 1) -> RGB, K x 3
     dotted, points = images.clone(), data.to_pixels(expected_location(heatmaps), (height, width)).round().long()
     for i in range(n):
         for j, (x, y) in enumerate(points[i].tolist()):  # points: n x K x (x, y) pixels
