@@ -164,7 +164,8 @@ def end_to_end_speed(args, stage, amp):
                  str(args.batch_size * args.steps), "--amp", amp, "--workers", str(args.workers), "--epochs", "1",
                  "--equiv-det-epochs", "1"]
         # stage 2 needs stage 1 first; the baseline trains --epochs + --equiv-det-epochs = 1 epoch
-        flags += {"stage1": ["--stage", "1"], "stage2": [], "end2end": ["--end-to-end", "--equiv-det-epochs", "0"]}[stage]
+        flags += {"stage1": ["--stage", "1"], "stage2": [],
+                  "end2end": ["--end-to-end", "--equiv-det-epochs", "0"]}[stage]
         ep.main(flags)
         with open(os.path.join(root, "equiv_pretrain", "default", f"log_{stage}.jsonl")) as f:
             return [json.loads(line) for line in f if '"epoch"' in line][0]["images_per_s"]
@@ -185,7 +186,8 @@ def memory(args):
             code = (f"import sys; sys.argv = ['']; import bench_equiv_pretrain as b; "
                     f"print(*b.peak_memory_of_one_step('{stage}', {b}, '{args.amp[0]}'))")
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                 cwd=os.path.dirname(os.path.abspath(__file__)), env=os.environ | {"OMP_NUM_THREADS": "1"})
+                                 cwd=os.path.dirname(os.path.abspath(__file__)),
+                                 env=os.environ | {"OMP_NUM_THREADS": "1"})
             peak, before = map(float, out.stdout.split()[-2:])
             peaks.append(peak)
             print(f"measured_peak_memory_gb: {peak:.2f} GB ({stage}, batch {b}, before the step {before:.2f})",

@@ -316,8 +316,8 @@ def test_stage1_learns_equivariant_features_on_the_synthetic_faces(tmp_path):
     def held_out_loss(model):
         with torch.no_grad():  # train mode: batch statistics, the same for both networks
             f, f_prime = model.train()(normalize(torch.cat([x, x_prime]))).chunk(2)
-        pairs = ep.sample_features(f, lam).flatten(0, 1), ep.sample_features(f_prime, lam_prime.nan_to_num()).flatten(0, 1)
-        return ep.equivariant_contrastive_loss(*pairs, 0.1, keep).item()
+        pairs = ep.sample_features(f, lam), ep.sample_features(f_prime, lam_prime.nan_to_num())  # B x P x D each
+        return ep.equivariant_contrastive_loss(*(p.flatten(0, 1) for p in pairs), 0.1, keep).item()
 
     torch.manual_seed(0)  # main seeds with --seed 0 right before building the network
     untrained = ep.Hourglass((16, 16, 16, 16))
