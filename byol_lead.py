@@ -1,50 +1,47 @@
 """LEAD for object landmarks: Karmali, Atreya, Nair, Sharma, Radhakrishnan, "LEAD: Self-Supervised Landmark
 Estimation by Aligning Distributions of Feature Similarity", WACV 2022, arXiv 2204.02958 (no public code).
 
-Stages (`--stage all` runs them in order, writing to runs/byol_lead/<name>/):
-  1    BYOL of a torchvision ResNet (Sec. 3.2); exports its hypercolumn (hypercol.pt2, Tab. 1's "LEAD 3840" and
-       the teacher of stage 2) and pca_stage1.png. `--epochs 0` exports the random network: the baseline;
-  2    an FPN decoder (64-d, 1/4 resolution) and a projection head on the frozen ResNet, trained so that the
-       similarity distributions of the compact features match the hypercolumn's (Sec. 3.3, Eq. 3); exports
-       compact.pt2 (no head) and pca_compact.png;
-  nmf  Tab. 1's baseline: NMF of the stage-1 hypercolumn to --nmf-k = 64 channels (nmf.pt2).
+Three stages (`--stage all` runs them in order), writing to runs/byol_lead/<name>/:
+  1         BYOL of a torchvision ResNet (Sec. 3.2); exports its hypercolumn (hypercol.pt2, Tab. 1's "LEAD
+            3840", stage 2's teacher) and pca_stage1.png; `--epochs 0` exports the random network (the baseline);
+  2         an FPN decoder (64-d, 1/4 resolution) and a projection head on the frozen ResNet, trained so that the
+            compact features' similarity distributions match the hypercolumn's (Sec. 3.3, Eq. 3); exports
+            compact.pt2 (no head) and pca_compact.png;
+  nmf       Tab. 1's baseline: NMF of the stage-1 hypercolumn to --nmf-k = 64 channels (nmf.pt2).
 Evaluate any exported .pt2 with regress.py (landmark regression) and match.py (matching).
 
 Paper -> code:  Eq. 1, BYOL's loss / its target network     -> byol_loss / ema_update, byol_tau
                 Sec. 3.2 hypercolumn; Sec. 3.3 decoder, head -> Hypercolumn; FPNDecoder, Compact, lead_head
                 Eq. 2 similarity distributions; Eq. 3       -> similarity_distributions; lead_loss
-                Tab. 1 NMF baseline                          -> data.nmf, data.NMFCoefficients
+                Tab. 1 NMF baseline                          -> data.nmf_basis, data.NMFCoefficients
                 BYOL's views; the stage-2 pairs              -> view_params, byol_views; lead_pairs
 
-Paper values (our CPU defaults, which train all three stages on the built-in synthetic faces): stage 1
---batch-size 256 (32), --epochs 200 (1: 312 steps), SGD --lr 3e-2 with momentum 0.9, cosine after --byol-warmup
-2 epochs (0.2), --byol-tau 0.996 -> 1, MLPs 4096 -> 256, weight decay not given (1e-4, MoCo's); stage 2
---lead-epochs 10-20 (1 epoch of --lead-images 2,560: 80 steps), --lead-tau 0.05, --lead-dim 64, optimiser not
-given (Adam, --lead-lr 1e-3: Adam does not mind the scale that Eq. 3's sum over locations gives the loss).
+Paper values and our CPU defaults in brackets: --batch-size 256 [32] | --epochs 200 [1: 312 steps] | SGD --lr
+0.03, momentum 0.9, cosine after --byol-warmup 2 epochs [0.2] | --byol-tau 0.996 -> 1, MLPs 4096 -> 256 [same] |
+weight decay not given [1e-4, MoCo's] | stage 2: --lead-epochs 10-20 [1 epoch of --lead-images 2,560: 80 steps],
+--lead-tau 0.05, --lead-dim 64 [same], optimiser not given [Adam, --lead-lr 1e-3: Adam does not mind the scale
+that Eq. 3's sum over locations gives the loss].
 
 Open choices (the paper does not say) and deviations, each deliberate:
-- BYOL's loss is summed over its two directions, not averaged (an average halves the gradient, the slip of a
-  well-known re-implementation). The target keeps its own batch-norm statistics (only parameters follow the
-  EMA, after each optimiser step with tau of that step) and runs in train mode, as BYOL's.
+- BYOL's loss is summed over its two directions, not averaged (an average halves the gradient). The target keeps
+  its own batch-norm statistics (only parameters follow the EMA, after each optimiser step) and runs in train mode.
 - Views: BYOL's two pipelines (crop scale 0.08-1, flip, colour jitter 0.4/0.4/0.2/0.1 with p 0.8 in a random
-  order per sample, grayscale 0.2, blur sigma 0.1-2 with p 1.0 / 0.1, solarisation p 0.0 / 0.2), made on the
-  device a batch at a time from per-sample parameters drawn from data.generator(seed, step); workers only
-  render (uint8). The learning rate follows its schedule every step, not every epoch.
+  order per sample, grayscale 0.2, blur sigma 0.1-2 with p 1.0 / 0.1, solarisation p 0.0 / 0.2), drawn on the
+  device a batch at a time; workers only render (uint8). The learning rate is scheduled every step.
 - The ResNet keeps its stem stride (layer1..4 are 24, 12, 6, 3 cells at 96 px). The hypercolumn (layer4..1) is
-  resized to 48x48 in the exports (the evaluation's grid; compact.pt2 too) and to the student's 24x24 as the
-  teacher. Decoder: torchvision's FPN on layer1..4, its outputs resized to 1/4 and summed (as Panoptic FPN's
-  semantic branch without its conv towers), then a 3x3 conv; head: 1x1 conv, BN, ReLU, 1x1 conv.
-- Eq. 3 is summed over the locations u and averaged over the pairs; the run uses lead_loss_chunked (the same
-  value and gradients in less memory) unless --lead-chunk 0.
+  resized to 48x48 in the exports (compact.pt2 too) and to the student's 24x24 as the teacher. Decoder:
+  torchvision's FPN, its outputs resized to 1/4 and summed (Panoptic FPN's semantic branch without its conv
+  towers), then a 3x3 conv; head: 1x1 conv, BN, ReLU, 1x1 conv.
+- Eq. 3 is summed over the locations u and averaged over the pairs; lead_loss_chunked (same value and gradients,
+  less memory) unless --lead-chunk 0.
 - --lead-pairs ("two images" in the paper): batch = image k with image k+1; views (the default, which matched
-  best: docs/byol_lead.md) = an image with its own random TPS warp (data.random_tps "pair"), the teacher seeing
-  the warped image itself, so no correspondence is needed; both = the two sets, averaged. --lead-zoom (ours,
-  off) also zooms each warped copy out by a factor in [1, Z]: the scale ablation of docs/byol_lead.md.
-GPU: --workers defaults to the machine's cores; --help says what --amp auto and --deterministic do there.
+  best) = an image with its own random TPS warp (data.random_tps "pair"), the teacher seeing the warped image, so
+  no correspondence is needed; both = the two sets, averaged. --lead-zoom (ours, off): the scale ablation.
+On a GPU, --help says what --amp auto and --deterministic do; --workers defaults to the cores.
 
-Smallest run: `python byol_lead.py --epochs 1 --train-images 512 --lead-epochs 1 --name tiny`: a bar and a
-summary line per epoch and stage, then runs/byol_lead/tiny/{hypercol,compact,nmf}.pt2, in 1-2 minutes on 2 idle
-CPU cores. What the runs give and why: README, section byol_lead.py, and docs/byol_lead.md.
+Smallest run: `python byol_lead.py --train-images 512 --name tiny`: a bar and a summary line per epoch and stage,
+then runs/byol_lead/tiny/{hypercol,compact,nmf}.pt2, in 1-2 minutes on 2 CPU cores (docs/byol_lead.md has the
+timings and what the runs give).
 """
 import argparse
 import copy
@@ -74,20 +71,17 @@ def get_args(argv=None):
                                 "similarity distributions (Karmali et al. 2022)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add, switch = p.add_argument, argparse.BooleanOptionalAction
-    add("--stage", default="all", choices=["all", "1", "2", "nmf"], help="what to run; 2 and nmf read the stage-1 "
-        "network of the same --name")
+    add("--stage", default="all", choices=["all", "1", "2", "nmf"], help="what to run; 2 and nmf read stage 1's --name")
     add("--dataset", default="synth-faces", choices=list(data.DATASETS), help="training data (see data.py)")
     add("--data-root", default=None, help="dataset folder, for real datasets only")
     add("--image-size", type=int, default=96, help="side of the square input images (the protocol uses 96)")
     add("--train-images", type=int, default=0, help="use only the first N training images (0: all)")
     add("--arch", default="resnet18", choices=["resnet18", "resnet50"], help="torchvision backbone")
     add("--imagenet-init", action=switch, default=False, help="start from torchvision's ImageNet weights")
-    add("--epochs", type=int, default=1, help="BYOL epochs of stage 1 (paper 200); 0 exports the random network")
+    add("--epochs", type=int, default=1, help="BYOL epochs (paper 200); 0: the random network (the baseline)")
     add("--batch-size", type=int, default=32, help="images per step, both stages (paper 256)")
-    add("--lr", type=float, default=0.03, help="SGD learning rate of BYOL after warm-up, cosine-decayed to 0 "
-        "(paper 3e-2 at batch 256)")
-    add("--workers", type=int, default=None, help="data-loader processes, which only render the images "
-        "(default: 1 on a CPU, the machine's cores on a GPU)")
+    add("--lr", type=float, default=0.03, help="SGD learning rate after warm-up, cosine-decayed to 0 (paper 0.03)")
+    add("--workers", type=int, default=None, help="data-loader processes; default: all cores on a GPU, 1 on a CPU")
     add("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help=data.AMP_HELP)
     add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, then cpu")
     add("--seed", type=int, default=0, help="seeds the initialisation, the data order and the augmentations")
@@ -95,32 +89,28 @@ def get_args(argv=None):
     add("--name", default="default", help="run name: everything goes to <runs-dir>/byol_lead/<name>/")
     add("--runs-dir", default="runs", help="root of the run directories")
     add("--resume", action=switch, default=False, help="continue each stage from its checkpoint")
-    add("--stop-after-steps", type=int, default=0, help="checkpoint and stop a stage after this many steps (0: "
-        "never); simulates an interruption")
-    add("--log-every", type=int, default=10, help="show the loss every N steps (reading it makes a GPU wait)")
-    add("--byol-tau", type=float, default=0.996, help="base EMA rate of the target network, raised to 1 by a "
-        "cosine over all steps (BYOL's tau_base, paper 0.996); lower it if a short run learns nothing")
+    add("--stop-after-steps", type=int, default=0, help="checkpoint and stop a stage after N steps (0: never)")
+    add("--log-every", type=int, default=10, help="show the loss every N steps (reading it waits for a GPU)")
+    add("--byol-tau", type=float, default=0.996, help="tau_base, the target's EMA rate, raised to 1 by a cosine "
+        "(paper 0.996); lower it if a short run learns nothing")
     add("--byol-hidden", type=int, default=4096, help="hidden width of the projector and predictor MLPs (4096)")
     add("--byol-dim", type=int, default=256, help="output size of the projector and predictor (paper 256)")
     add("--byol-warmup", type=float, default=0.2, help="warm-up epochs of the learning rate (paper 2 of 200)")
     add("--lead-epochs", type=int, default=1, help="stage-2 epochs (paper 10-20)")
-    add("--lead-images", type=int, default=2560, help="stage 2 trains on the first N training images (0: all); "
-        "it converges in far fewer images than BYOL")
+    add("--lead-images", type=int, default=2560, help="stage 2's first N training images (0: all); it needs few")
     add("--lead-lr", type=float, default=1e-3, help="Adam learning rate of the decoder and head after warm-up")
     add("--lead-warmup", type=float, default=0.1, help="stage-2 warm-up epochs")
-    add("--lead-tau", type=float, default=0.05, help="temperature tau of both similarity distributions (paper "
-        "0.05); lower is sharper")
+    add("--lead-tau", type=float, default=0.05, help="temperature tau of Eq. 2, lower is sharper (paper 0.05)")
     add("--lead-dim", type=int, default=64, help="channels of the compact features (paper 64)")
     add("--lead-pairs", default="views", choices=["batch", "views", "both"], help="what x_j of Eq. 3 is: the "
         "next image of the batch, a TPS-warped copy of x_i, or both sets of pairs")
-    add("--lead-zoom", type=float, default=1.0, help="not in the paper, for the scale test of Sec. 4.4: also "
-        "zoom each warped copy out by a factor drawn in [1, LEAD_ZOOM] (1: no zoom, the paper's pairs)")
-    add("--lead-chunk", type=int, default=144, help="rows of the student's similarities computed at a time "
-        "(checkpointed); lower it if stage 2 runs out of memory, 0: all at once")
-    add("--nmf-k", type=int, default=64, help="NMF components (64: the compact features' size, as Tab. 1)")
+    add("--lead-zoom", type=float, default=1.0, help="ours (Sec. 4.4's scale test): zoom each warped copy out by "
+        "a factor in [1, LEAD_ZOOM] (1: the paper's pairs)")
+    add("--lead-chunk", type=int, default=144, help="student rows of Eq. 3 at a time (checkpointed); lower it if "
+        "stage 2 runs out of memory, 0: all at once")
+    add("--nmf-k", type=int, default=64, help="NMF components (64: the compact features' size, Tab. 1)")
     add("--nmf-images", type=int, default=64, help="training images whose 24x24 hypercolumns NMF factorises")
-    add("--nmf-iters", type=int, default=200, help="multiplicative updates of the fit (the exported extractor "
-        "uses a quarter of them per image)")
+    add("--nmf-iters", type=int, default=200, help="multiplicative updates (the exports use a quarter per image)")
     args = p.parse_args(argv)
     if min(args.lead_chunk, args.byol_warmup, args.lead_warmup) < 0 or args.log_every < 1:
         p.error("--lead-chunk, --byol-warmup and --lead-warmup cannot be negative, --log-every must be >= 1")
@@ -132,11 +122,7 @@ def get_args(argv=None):
 # ===== Model =====
 def build_resnet(arch, imagenet=False):
     """A torchvision ResNet without its classifier: images -> pooled features (512-d ResNet-18, 2048-d -50)."""
-    try:
-        net = torchvision.models.get_model(arch, weights="IMAGENET1K_V1" if imagenet else None)
-    except Exception as error:  # offline and not cached
-        raise SystemExit(f"error: the ImageNet weights of {arch} could not be downloaded ({type(error).__name__}) "
-                         f"nor found in {torch.hub.get_dir()}/checkpoints; run once online or drop --imagenet-init")
+    net = data.torchvision_model(arch, imagenet)
     net.fc = nn.Identity()
     return net
 
@@ -174,12 +160,12 @@ class Hypercolumn(nn.Module):
         super().__init__()
         self.body = create_feature_extractor(resnet, return_nodes=list(layers))  # shares resnet's weights
         self.layers, self.size = list(layers), size
-        widths = [getattr(resnet, name)[-1].conv1.in_channels for name in layers]  # = a layer's output
-        ends = np.cumsum([0] + widths).tolist()
+        self.widths = [getattr(resnet, name)[-1].conv1.in_channels for name in layers]  # = a layer's output
+        ends = np.cumsum([0] + self.widths).tolist()
         self.groups = [[name, a, b] for name, a, b in zip(self.layers, ends, ends[1:])]  # for the exports
 
     def forward(self, x):
-        maps = self.body(x.contiguous(memory_format=torch.channels_last))  # channels_last: faster convs on CPU
+        maps = self.body(x.contiguous(memory_format=torch.channels_last))  # the faster layout on CPU and GPU
         return torch.cat([F.interpolate(maps[name], size=(self.size, self.size), mode="bilinear")
                           for name in self.layers], 1)  # B x C x size x size
 
@@ -216,8 +202,7 @@ def lead_head(dim, hidden=256):  # Sec. 3.3's projection head, for the loss only
 # ===== Losses =====
 def byol_loss(p1, p2, z1, z2):
     """Eq. 1, symmetrised: ||p1/|p1| - z2/|z2|||^2 + ||p2/|p2| - z1/|z1|||^2 = (2 - 2 cos) + (2 - 2 cos), each
-    averaged over the batch and the two SUMMED. p: online predictions, z: target projections (no gradient),
-    N x dim; p1 and z1 come from view 1."""
+    averaged over the batch and the two SUMMED. p: online predictions, z: target projections, N x dim each."""
     def distance(p, z):
         return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=1)).mean()
     return distance(p1, z2) + distance(p2, z1)
@@ -264,19 +249,6 @@ def warmup_cosine(optimizer, steps, warmup):
 
 
 # ===== Views =====
-class Images(torch.utils.data.Dataset):
-    """The workers' share: image `index` as uint8 (3, H, W) for the key (epoch, index) of data.make_loader; the
-    views are drawn on the device, in the step."""
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        return {"image": (self.dataset[key[1]]["image"] * 255).round().to(torch.uint8)}
-
-
 def view_params(n, size, g, blur, solarize):
     """Parameters of n BYOL views of size x size images, drawn per sample on the CPU from g: torchvision's
     RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, 10 tries, then the whole image), flip 0.5, ColorJitter(0.4,
@@ -337,9 +309,8 @@ def byol_views(images, params):
     x1, y1, x2, y2 = params["box"].unbind(1)
     rows = resize_rows(y1, y2 - y1, size, torch.zeros_like(params["flip"]))[:, None]  # N x 1 x S x S
     x = rows @ (images.float() / 255) @ resize_rows(x1, x2 - x1, size, params["flip"])[:, None].transpose(2, 3)
-    # Colour jitter in each sample's order: the hue once for all, between a pass over the positions before it and
-    # one over those after it; each position blends x with a target (0: brightness, the mean grey: contrast, the
-    # grey image: saturation) and clamps, with a factor 1 (no change) where nothing is due.
+    # ColorJitter in each view's order: the positions before the hue, the hue, those after it; each blends x with
+    # black (brightness), its mean grey (contrast) or its grey (saturation), factor 1 where nothing is due.
     order, hue_at = params["order"], (params["order"] == 3).float().argmax(1)  # N x 4, N
     for positions, before in ((range(3), True), (range(1, 4), False)):
         for k in positions:
@@ -368,9 +339,8 @@ def lead_pairs(x, g, zoom):
 
 # ===== Training loop =====
 def train(args, stage, run, loader, step_fn, state, epochs, device):
-    """`step_fn(batch, generator) -> loss` over `epochs` epochs: a bar, a log line and a checkpoint per epoch.
-    Resume loads `state` (all that has a state_dict) and the step, nothing else: every random draw is a function
-    of (seed, epoch, index) or (seed, step). Returns False if --stop-after-steps stopped it."""
+    """`step_fn(batch, generator) -> loss` for `epochs` epochs, a bar, log line and checkpoint each. Resume loads
+    `state` and the step only: every random draw is a function of (seed, epoch, index) or (seed, step)."""
     path, step = os.path.join(run, f"checkpoint_{stage}.pt"), 0
     if args.resume and os.path.exists(path):
         checkpoint = data.load_checkpoint(path)
@@ -415,32 +385,12 @@ def update(loss, optimizer, scaler):
 
 # ===== Exports and pictures =====
 def export(module, run, variant, info, args, groups):
-    """<run>/<variant>.pt2: a frozen extractor of [0, 1] images (data.save_extractor's contract; any device)."""
+    """Write <run>/<variant>.pt2: a frozen extractor of dense features from [0, 1] images (data.save_extractor)."""
     module = copy.deepcopy(module).float().cpu().eval().to(memory_format=torch.contiguous_format)
     meta = {"input_size": [args.image_size] * 2, "kind": "features", "method": SCRIPT, "variant": variant,
             "channel_groups": groups, "arch": args.arch, "dataset": args.dataset, "epochs": args.epochs}
     meta = data.save_extractor(module, os.path.join(run, f"{variant}.pt2"), meta, info.mean, info.std)
     print(f"exported {os.path.join(run, variant)}.pt2: {meta['channels']} x {meta['output_size']} features")
-
-
-def pca_pictures(path, images, features, title):
-    """Images (n, 3, H, W) in [0, 1] above the first 3 principal components of their features (n, C, h, w) as
-    RGB: what the features separate (as supplement Fig. 1 of ContrastLandmark)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    n, _, h, w = features.shape
-    flat = features.float().permute(0, 2, 3, 1).reshape(n * h * w, -1).cpu()  # (n h w) x C
-    rgb = (flat - flat.mean(0)) @ torch.pca_lowrank(flat, q=3)[2]  # (n h w) x 3
-    rgb = ((rgb - rgb.min(0).values) / (rgb.max(0).values - rgb.min(0).values + 1e-8)).view(n, h, w, 3)
-    fig, axes = plt.subplots(2, len(images), figsize=(1.5 * len(images), 3.3), squeeze=False)
-    for i, pair in enumerate(zip(images.permute(0, 2, 3, 1), rgb)):
-        for row, picture in enumerate(pair):
-            axes[row, i].imshow(picture.clamp(0, 1).numpy(), interpolation="nearest")
-            axes[row, i].axis("off")
-    fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def load_backbone(run, device):
@@ -460,13 +410,9 @@ def main(argv=None):
     device = data.choose_device(args.device)
     dtype = data.amp_dtype(device, args.amp)  # None: fp32
     workers = data.default_workers(device) if args.workers is None else args.workers
-    try:  # RGB in [0, 1]: the views are made before normalising
-        info = data.make_dataset(args.dataset, "train", root=args.data_root, size=args.image_size, normalize=False)
-    except data.DatasetError as error:
-        raise SystemExit(f"error: {error}")
-    train_set = torch.utils.data.Subset(info, range(min(args.train_images or len(info), len(info))))
+    info, train_set = data.training_images(args.dataset, args.data_root, args.image_size, args.train_images)
     normalize = data.Normalize(info.mean, info.std).to(device)
-    figure_images = torch.stack([train_set[i]["image"] for i in range(min(8, len(train_set)))])  # 8 x 3 x H x W
+    figure_images = data.first_images(train_set, 8)  # 8 x 3 x H x W
     grid = args.image_size // 2  # the exports' grid: 48x48 at 96 px
     stages = {"all": ["stage1", "stage2", "nmf"], "1": ["stage1"], "2": ["stage2"], "nmf": ["nmf"]}[args.stage]
 
@@ -479,7 +425,7 @@ def main(argv=None):
         target = copy.deepcopy(online).requires_grad_(False)  # xi starts equal to theta, then follows by EMA only
         optimizer = torch.optim.SGD([*online.parameters(), *predictor.parameters()], lr=args.lr, momentum=0.9,
                                     weight_decay=1e-4)
-        loader = data.make_loader(Images(train_set), args.batch_size, args.seed, workers, device)
+        loader = data.make_loader(data.Uint8Images(train_set), args.batch_size, args.seed, workers, device)
         steps = args.epochs * len(loader)
         scheduler, scaler = warmup_cosine(optimizer, steps, round(args.byol_warmup * len(loader))), \
             data.grad_scaler(device, dtype)
@@ -505,9 +451,9 @@ def main(argv=None):
             return
         hyper = Hypercolumn(online.encoder.eval(), HYPER, grid)
         export(hyper, run, "hypercol", info, args, hyper.groups)
-        with torch.no_grad():
-            pca_pictures(os.path.join(run, "pca_stage1.png"), figure_images, hyper(normalize(figure_images.to(
-                device))), f"stage-1 hypercolumn PCA, {args.arch}, {args.epochs} epochs")
+        with torch.no_grad():  # the first 3 principal components of the hypercolumn as RGB
+            pca = data.pca_rgb(hyper(normalize(figure_images.to(device))))  # 8 x 3 x 48 x 48
+        data.save_pictures(os.path.join(run, "pca_stage1.png"), figure_images, pca)
 
     if "stage2" in stages:  # ---- compact features, Eq. 2-3 ---------------------------------------------------
         run = data.start_run(args.runs_dir, SCRIPT, args.name, "stage2", args, args.resume)
@@ -518,7 +464,7 @@ def main(argv=None):
         optimizer = torch.optim.Adam([*compact.decoder.parameters(), *head.parameters()], lr=args.lead_lr,
                                      fused=True)  # fused: no read of the step count on the host
         lead_set = torch.utils.data.Subset(train_set, range(min(args.lead_images or len(train_set), len(train_set))))
-        loader = data.make_loader(Images(lead_set), args.batch_size, args.seed, workers, device)
+        loader = data.make_loader(data.Uint8Images(lead_set), args.batch_size, args.seed, workers, device)
         scheduler = warmup_cosine(optimizer, args.lead_epochs * len(loader), round(args.lead_warmup * len(loader)))
         scaler = data.grad_scaler(device, dtype)
         k = torch.arange(args.batch_size, device=device)  # every batch is full (drop_last): fixed index lists
@@ -546,23 +492,19 @@ def main(argv=None):
         extractor = nn.Sequential(compact.eval(), nn.Upsample(size=(grid, grid), mode="bilinear"))  # exports' grid
         export(extractor, run, "compact", info, args, [["compact", 0, args.lead_dim]])
         with torch.no_grad():
-            pca_pictures(os.path.join(run, "pca_compact.png"), figure_images, extractor(normalize(figure_images.to(
-                device))), f"compact features PCA, {args.lead_dim}-d, {args.lead_epochs} stage-2 epochs")
+            pca = data.pca_rgb(extractor(normalize(figure_images.to(device))))
+        data.save_pictures(os.path.join(run, "pca_compact.png"), figure_images, pca)
 
     if "nmf" in stages:  # ---- NMF baseline, Tab. 1 (deterministic and quick: no resume) ---------------------------
         run = data.start_run(args.runs_dir, SCRIPT, args.name, "nmf", args, args.resume)
         data.seed_everything(args.seed, args.deterministic)
         backbone = load_backbone(run, device)
         hyper = Hypercolumn(backbone, HYPER, args.image_size // 4)
-        images = torch.stack([train_set[i]["image"] for i in range(min(args.nmf_images, len(train_set)))])
-        with torch.no_grad(), data.autocast(device, dtype):
+        images = data.first_images(train_set, args.nmf_images)
+        with torch.no_grad(), data.autocast(device, dtype):  # n x C x 24 x 24, >= 0 after ReLU and resizing
             v = torch.cat([hyper(normalize(x.to(device))).float() for x in images.split(args.batch_size)])
-        V = v.permute(0, 2, 3, 1).reshape(-1, v.shape[1])  # (n 24 24) x C, >= 0 after ReLU and resizing
-        torch.set_flush_denormal(True)  # the updates shrink unused basis entries into denormals: 2x slower on CPU
-        start = time.time()
-        W, basis = data.nmf(V, args.nmf_k, args.nmf_iters, generator=data.generator(args.seed))
-        data.log(run, "nmf", {"stage": "nmf", "images": len(images), "k": args.nmf_k, "seconds": round(time.time() -
-                 start, 1), "relative_error": round(((V - W @ basis).norm() / V.norm()).item(), 4)})
+        basis, record = data.nmf_basis(v, args.nmf_k, args.nmf_iters, args.seed)
+        data.log(run, "nmf", {"stage": "nmf", **record})
         data.save_checkpoint(os.path.join(run, "checkpoint_nmf.pt"), state={"basis": basis.cpu()}, args=vars(args))
         extractor = nn.Sequential(Hypercolumn(backbone, HYPER, grid), data.NMFCoefficients(basis, args.nmf_iters // 4))
         export(extractor, run, "nmf", info, args, [["nmf", 0, args.nmf_k]])

@@ -25,6 +25,7 @@ import math
 import os
 import random
 import sys
+import time
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 from torch.utils.data import Dataset
+import torchvision
 import torchvision.transforms.functional as TF
 
 # =========================================================================================================
@@ -1776,6 +1778,7 @@ def load_extractor(path, device="cpu"):
 #
 # NMF is the unsupervised baseline of two papers (Cheng et al. Tab. 4, LEAD Tab. 1), so it lives here once. The
 # run helpers are the generic part of every script; each method file keeps its own training loop in plain sight.
+# The uint8 dataset, the NMF fit and the pictures at the end are code both MoCo and LEAD files would repeat.
 # Every random draw after initialisation is a function of (seed, epoch, step or sample index) (`generator`), so a
 # checkpoint holds models, optimisers and the step, and no random states.
 # =========================================================================================================
@@ -1938,6 +1941,71 @@ def default_workers(device):
 def to_device(batch, device):
     """Copy a dict of (pinned) tensors to `device` without waiting for the copy (non_blocking)."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def torchvision_model(arch, imagenet=False):
+    """torchvision's `arch`, randomly initialised or with its ImageNet weights; missing weights stop with a sentence."""
+    try:
+        return torchvision.models.get_model(arch, weights="IMAGENET1K_V1" if imagenet else None)
+    except Exception as error:  # offline and not cached
+        raise SystemExit(f"error: the ImageNet weights of {arch} could not be downloaded ({type(error).__name__}) "
+                         f"nor found in {torch.hub.get_dir()}/checkpoints; run once online or drop --imagenet-init")
+
+
+def training_images(dataset, root, size, n=0):
+    """(the whole training split, its first n images or all for n = 0), RGB in [0, 1] (views are made before
+    normalising); a missing or malformed dataset stops with its one sentence."""
+    try:
+        info = make_dataset(dataset, "train", root=root, size=size, normalize=False)
+    except DatasetError as error:
+        raise SystemExit(f"error: {error}")
+    return info, torch.utils.data.Subset(info, range(min(n or len(info), len(info))))
+
+
+class Uint8Images(Dataset):
+    """The workers' share for views drawn on the device: `dataset[(epoch, index)]` (data.make_loader's keys) ->
+    {"image": uint8 (3, H, W)} of a dataset whose items hold "image", RGB in [0, 1]; uint8 copies 4x fewer bytes."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        return {"image": (self.dataset[key[1]]["image"] * 255).round().to(torch.uint8)}
+
+
+def first_images(dataset, n):
+    """The first n images of a dataset, RGB in [0, 1]: (n, 3, H, W) (pictures, NMF, batch-norm statistics)."""
+    return torch.stack([dataset[i]["image"] for i in range(min(n, len(dataset)))])
+
+
+def nmf_basis(features, k, iters, seed):
+    """The NMF baseline's fit on features (n, C, h, w) >= 0, every location a row: the basis (k x C) and a log
+    record (its relative error ||V - W H|| / ||V||)."""
+    V = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])  # (n h w) x C
+    torch.set_flush_denormal(True)  # the updates shrink unused basis entries into denormals: 2x slower on CPU
+    start = time.time()
+    W, basis = nmf(V, k, iters, generator=generator(seed))
+    return basis, {"images": len(features), "k": k, "seconds": round(time.time() - start, 1),
+                   "relative_error": round(((V - W @ basis).norm() / V.norm()).item(), 4)}
+
+
+def pca_rgb(features):
+    """The first 3 principal components of features (n, C, h, w), over all locations, as RGB in [0, 1]: (n, 3, h,
+    w). What the features separate (supplement Fig. 1 of Cheng et al.)."""
+    n, c, h, w = features.shape
+    flat = features.float().permute(0, 2, 3, 1).reshape(-1, c)  # (n h w) x C
+    rgb = (flat - flat.mean(0)) @ torch.pca_lowrank(flat, q=3)[2]  # (n h w) x 3
+    rgb = (rgb - rgb.min(0).values) / (rgb.max(0).values - rgb.min(0).values + 1e-8)
+    return rgb.view(n, h, w, 3).permute(0, 3, 1, 2)
+
+
+def save_pictures(path, images, maps):
+    """Images (n, 3, H, W) above their maps (n, 3, h, w, resized to H x W), both in [0, 1], as one PNG."""
+    maps = F.interpolate(maps.float().cpu(), size=images.shape[2:], mode="nearest")
+    torchvision.utils.save_image(torch.cat([images.cpu(), maps]).clamp(0, 1), path, nrow=len(images))
 
 
 # =========================================================================================================

@@ -2,47 +2,45 @@
 Landmark Representations", ICCV 2021, arXiv 2006.14787 (official code: ContrastLandmark).
 
 Three stages (`--stage all` runs them in order), writing to runs/moco_hypercol/<name>/:
-  pretrain  instance-contrastive MoCo of a torchvision ResNet; exports the hypercolumn (hypercol.pt2), each of
-            its layers alone (layer1.pt2 ..) and its PCA picture (pca.png, supplement Fig. 1); `--epochs 0`
-            exports the random-initialised network, Tab. 5's baseline;
+  pretrain  MoCo of a torchvision ResNet; exports the hypercolumn (hypercol.pt2), each of its layers alone
+            (layer1.pt2 ..) and pca.png (supplement Fig. 1); `--epochs 0` exports the random network (Tab. 5);
   project   the spatial-contrastive projector on the frozen hypercolumn (proj.pt2);
-  nmf       the NMF baseline of Tab. 4 (data.nmf) on the hypercolumn (nmf.pt2) and its parts (nmf_parts.png).
+  nmf       Tab. 4's baseline: NMF of the hypercolumn (nmf.pt2) and its parts (nmf_parts.png, Fig. 5).
 Evaluate any exported .pt2 with regress.py (landmark regression) and match.py (matching).
 
 Paper -> code:  Eq. 5, InfoNCE with a queue of negatives    -> info_nce, KeyQueue, moco_step
                 key encoder update (MoCo, He et al. Eq. 2)  -> momentum_update, encode_in_splits (shuffle BN)
-                Sec. 3.1 hypercolumn                        -> Hypercolumn
-                Eq. 3-4 spatial contrastive loss, x' = x    -> spatial_contrastive_loss, Projector
+                Sec. 3.1 hypercolumn; Sec. 3.2 projector    -> Hypercolumn; Projector
+                Eq. 3-4 spatial contrastive loss, x' = x    -> spatial_contrastive_loss
+                Tab. 4 NMF baseline                          -> data.nmf_basis, data.NMFCoefficients
                 the official views                          -> jpeg_noise, view_params, moco_views
 
-Paper values (ContrastLandmark's code) and our CPU defaults in brackets: --arch resnet50 [resnet18, 4x cheaper;
-the paper reports both] | --epochs 800 [1 epoch of the 10,000 synthetic faces] | --batch-size 256 [32] | --lr
-0.03, SGD momentum 0.9, weight decay 1e-4, cosine [same] | --moco-queue 4096, --moco-dim 128, --moco-tau 0.07
-[same] | --moco-momentum 0.999 [0.99: in runs of 300-5,000 steps 0.999 leaves the key encoder near its
-initialisation] | projector: Adam 1e-3, weight decay 5e-4, --proj-epochs 10 [1], --proj-dim 64/128/256 [64].
+Paper values (ContrastLandmark's code) and our CPU defaults in brackets: --arch resnet50 [resnet18; the paper
+reports both] | --epochs 800 [1 epoch of the 10,000 synthetic faces] | --batch-size 256 [32] | --lr 0.03, SGD
+momentum 0.9, weight decay 1e-4, cosine [same] | --moco-queue 4096, --moco-dim 128, --moco-tau 0.07 [same] |
+--moco-momentum 0.999 [0.99: in runs of 300-5,000 steps 0.999 leaves the key encoder near its start] |
+projector: Adam 1e-3, weight decay 5e-4, --proj-epochs 10 [1], --proj-dim 64/128/256 [64].
 
 Deviations, each deliberate:
-- Shuffle BN on one device. MoCo computes keys with batch norm over per-GPU sub-batches of a *shuffled* batch,
-  so that a query and its key never share batch statistics (a leak the network learns to exploit). Here both
-  encoders run --moco-bn-splits sub-batches one after another, the keys shuffled first: what that many GPUs
-  would compute.
-- The ResNet keeps its stem stride, as the official code: at 96 px layer1..layer4 are 24, 12, 6 and 3 cells
-  wide; the hypercolumn resizes them to 48x48 (exports) or 24x24 (projector training).
+- Shuffle BN on one device: MoCo's keys get batch norm over per-GPU sub-batches of a shuffled batch, so that a
+  query and its key never share batch statistics (a leak the network learns to exploit); here both encoders run
+  --moco-bn-splits sub-batches one after another, the keys shuffled first: what that many GPUs would compute.
+- The ResNet keeps its stem stride (layer1..4 are 24, 12, 6, 3 cells at 96 px), as the official code; the
+  hypercolumn is resized to 48x48 (exports) or 24x24 (projector training).
 - Views, in the official order: DVE's JPEG noise, random resized crop (scale 0.2-1), ColorJitter(0.4, 0.4, 0.4)
-  in a random order, PCA lighting noise (std 0.1); no flip, blur or TPS. The official code crops at 136 px, then
-  cuts a 20 px border; we crop the final 96 px image. JPEG noise (PIL) is made in the data-loader workers, the
-  rest on the device for a whole batch. --moco-crop-min/--moco-jitter ablate the invariances; --moco-hue and
-  --moco-grayscale add MoCo v1's.
-- The cosine schedule steps every iteration rather than every epoch (runs here last a few epochs).
+  in a random order, PCA lighting noise (std 0.1); no flip, blur or TPS. The official code crops at 136 px and
+  cuts a 20 px border; we crop the 96 px image. JPEG noise (PIL) is made in the workers, the rest on the device
+  a batch at a time. --moco-crop-min/--moco-jitter ablate the invariances; --moco-hue/--moco-grayscale add MoCo
+  v1's. The learning rate is scheduled every step.
 - Projector: the paper's map is linear; the official code adds a spatial softmax (--proj-softmax, off). The loss
   keeps the official ||u - v||^0.5 in input pixels (the paper writes ||u - v||), on un-augmented images.
-- --bn-stats-images N (ours; off, as the paper): batch-norm statistics of N clean training images for the
-  exports; a random network's are the identity in eval mode otherwise (docs/moco_hypercol.md).
+- --bn-stats-images N (ours, off): export with the batch-norm statistics of N clean training images; a random
+  network's are otherwise the identity in eval mode.
 On a GPU, --help says what --amp auto and --deterministic do; --workers defaults to the cores.
 
-Smallest run: `python moco_hypercol.py --train-images 512 --name tiny`: a bar per epoch, a summary line per
-epoch and stage, then runs/moco_hypercol/tiny/*.pt2, in a few minutes on 2 CPU cores; the default run takes
-about 5 minutes (docs/moco_hypercol.md has the timings and what the exports give).
+Smallest run: `python moco_hypercol.py --train-images 512 --name tiny`: a bar and a summary line per epoch and
+stage, then runs/moco_hypercol/tiny/{hypercol,proj,nmf,layer1..4}.pt2, in a few minutes on 2 CPU cores
+(docs/moco_hypercol.md has the timings and what the runs give).
 """
 import argparse
 import copy
@@ -63,7 +61,7 @@ from tqdm import tqdm
 
 import data
 
-SCRIPT = os.path.splitext(os.path.basename(__file__))[0]
+SCRIPT = "moco_hypercol"
 LAYERS = ("layer1", "layer2", "layer3", "layer4")  # conv2_x .. conv5_x in the paper's names
 
 
@@ -72,8 +70,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="MoCo hypercolumns + spatial-contrastive projector (Cheng et al. "
                                 "2021)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add, switch = p.add_argument, argparse.BooleanOptionalAction
-    add("--stage", default="all", choices=["all", "pretrain", "project", "nmf"],
-        help="what to run; project and nmf read the pretrained backbone of the same --name")
+    add("--stage", default="all", choices=["all", "pretrain", "project", "nmf"], help="what to run; project and "
+        "nmf read pretrain's --name")
     add("--dataset", default="synth-faces", choices=list(data.DATASETS), help="training data (see data.py)")
     add("--data-root", default=None, help="dataset folder, for real datasets only")
     add("--image-size", type=int, default=96, help="side of the square input images (the protocol uses 96)")
@@ -124,19 +122,14 @@ def get_args(argv=None):
 # ===== Model =====
 def build_resnet(arch, out_dim, imagenet=False):
     """A torchvision ResNet whose fc maps the pooled features to the `out_dim`-d embedding (MoCo v1: no MLP)."""
-    try:
-        net = torchvision.models.get_model(arch, weights="IMAGENET1K_V1" if imagenet else None)
-    except Exception as error:  # offline and not cached
-        raise SystemExit(f"error: the ImageNet weights of {arch} could not be downloaded ({type(error).__name__}) "
-                         f"nor found in {torch.hub.get_dir()}/checkpoints; run once online or drop --imagenet-init")
+    net = data.torchvision_model(arch, imagenet)
     net.fc = nn.Linear(net.fc.in_features, out_dim)
     return net
 
 
 @torch.no_grad()
 def momentum_update(key_model, model, m):
-    """theta_k <- m theta_k + (1 - m) theta_q, every parameter in one call; buffers (batch-norm statistics) stay
-    the key encoder's own."""
+    """theta_k <- m theta_k + (1 - m) theta_q in one fused call; buffers (batch-norm statistics) stay the key's own."""
     torch._foreach_lerp_(list(key_model.parameters()), list(model.parameters()), 1 - m)
 
 
@@ -151,7 +144,6 @@ def encode_in_splits(encoder, images, splits, order=None):
 
 class KeyQueue(nn.Module):
     """MoCo's dictionary of negatives: the K most recent keys in a ring buffer, the oldest overwritten first."""
-
     def __init__(self, size, dim):
         super().__init__()
         self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))  # K x dim, random until filled
@@ -166,8 +158,8 @@ class KeyQueue(nn.Module):
 
 @torch.no_grad()
 def measure_bn_stats(model, images, batch_size):
-    """--bn-stats-images: every batch norm's running mean and variance become their plain averages over the batches
-    of `images` (normalised, B x 3 x H x W); the weights do not change. Returns the model in eval mode."""
+    """--bn-stats-images: every batch norm's running statistics become plain averages over the batches of `images`
+    (normalised, B x 3 x H x W); the weights do not change. Returns the model in eval mode."""
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     for bn in norms:
         bn.reset_running_stats()
@@ -182,7 +174,6 @@ def measure_bn_stats(model, images, batch_size):
 class Hypercolumn(nn.Module):
     """Sec. 3.1: the outputs of `layers`, each resized bilinearly to size x size and concatenated in the given
     order (deepest first: 960-d for ResNet-18, 3840-d for ResNet-50). Input: normalised (B, 3, H, W)."""
-
     def __init__(self, resnet, layers, size):
         super().__init__()
         self.body = create_feature_extractor(resnet, return_nodes=list(layers))  # shares resnet's weights
@@ -199,7 +190,6 @@ class Hypercolumn(nn.Module):
 
 class Projector(nn.Module):
     """Sec. 3.2: a 1x1 convolution C -> d over the frozen hypercolumn (+ the official spatial softmax)."""
-
     def __init__(self, channels, dim, softmax):
         super().__init__()
         self.conv, self.softmax = nn.Conv2d(channels, dim, 1), softmax
@@ -247,22 +237,15 @@ def jpeg_noise(image, g):
     return TF.pil_to_tensor(Image.open(buffer).resize((width, height), Image.BILINEAR))
 
 
-class Images(torch.utils.data.Dataset):
-    """The workers' share: dataset[(epoch, index)] -> uint8 (3, H, W) images: with a `seed`, two with their own JPEG
-    noise from data.generator(seed, epoch, index) ("query", "key"), else the clean one ("image", for the projector)."""
-
-    def __init__(self, dataset, seed=None):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self):
-        return len(self.dataset)
+class Images(data.Uint8Images):
+    """The workers' share of MoCo's views: (epoch, index) -> two uint8 (3, H, W) copies of the image ("query",
+    "key"), each with its own JPEG noise from data.generator(seed, epoch, index)."""
+    def __init__(self, dataset, seed):
+        super().__init__(dataset)
+        self.seed = seed
 
     def __getitem__(self, key):
-        epoch, index = key
-        image = (self.dataset[index]["image"] * 255).round().to(torch.uint8)  # RGB in [0, 1] -> uint8
-        if self.seed is None:
-            return {"image": image}
-        g = data.generator(self.seed, epoch, index)
+        image, g = super().__getitem__(key)["image"], data.generator(self.seed, *key)
         return {"query": jpeg_noise(image, g), "key": jpeg_noise(image, g)}
 
 
@@ -286,15 +269,14 @@ def view_params(n, height, width, g, crop_min=0.2, jitter=0.4, hue=0.0, grayscal
 
 
 def adjust_hue(x, shift):
-    """torchvision's adjust_hue for a batch, each image (3, H, W) in [0, 1] turned by its own shift (in turns):
-    RGB -> (hue, chroma c, value v), hue + shift, and back with the closed form v - c clamp(min(k, 4 - k), 0, 1),
-    k = (n + hue) mod 6 for n = 5, 3, 1 (R, G, B), hue in sixths of a turn."""
-    v, c = x.amax(1, keepdim=True), x.amax(1, keepdim=True) - x.amin(1, keepdim=True)  # n x 1 x H x W
-    r, g, b = x.split(1, 1)
-    hue = torch.where(v == r, (g - b) / c, torch.where(v == g, 2 + (b - r) / c, 4 + (r - g) / c))
-    hue = torch.nan_to_num(hue) + 6 * shift.view(-1, 1, 1, 1)  # grey pixels (c = 0) have no hue to turn
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + hue) % 6
-    return v - c * torch.minimum(k, 4 - k).clamp(0, 1)
+    """Rotate the HSV hue of x (N x 3 x H x W in [0, 1]) by `shift` turns (N x 1 x 1 x 1), as torchvision's
+    adjust_hue: value V and chroma C stay, channel n becomes V - C clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6."""
+    v, c = x.amax(1, keepdim=True), x.amax(1, keepdim=True) - x.amin(1, keepdim=True)  # N x 1 x H x W
+    r, g, b = x[:, :1], x[:, 1:2], x[:, 2:]
+    safe = torch.where(c > 0, c, 1.0)  # grey pixels: C = 0, any hue
+    h6 = torch.where(v == r, (g - b) / safe, torch.where(v == g, (b - r) / safe + 2, (r - g) / safe + 4)) + 6 * shift
+    k = (torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1) + h6) % 6  # n = 5, 3, 1: N x 3 x H x W
+    return v - c * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 
 def moco_views(images, p):
@@ -303,8 +285,7 @@ def moco_views(images, p):
     n, _, height, width = images.shape
     top, left, h, w = p["box"].unbind(1)  # n each
 
-    def axis(start, length, size):  # n x size: F.interpolate's source pixel of each output pixel, kept inside the
-        # crop (as cropping first would), in grid_sample's [-1, 1]; a crop is never larger than the output: no antialias
+    def axis(start, length, size):  # n x size: each output pixel's source, clamped into the crop, in [-1, 1]
         src = (torch.arange(size, device=images.device) + 0.5) * (length / size)[:, None] - 0.5
         return (2 * (start[:, None] + torch.clamp(src, torch.zeros_like(src), (length - 1)[:, None])) + 1) / size - 1
 
@@ -326,9 +307,8 @@ def moco_views(images, p):
 
 # ===== Training loop =====
 def train(args, stage, run, loader, step_fn, state, epochs, device):
-    """`step_fn(batch, generator) -> loss` over `epochs` epochs: a bar, a log line and a checkpoint per epoch.
-    Resume loads `state` (all that has a state_dict) and the step, nothing else: every random draw is a function
-    of (seed, epoch, index) or (seed, step). Returns False if --stop-after-steps stopped it."""
+    """`step_fn(batch, generator) -> loss` for `epochs` epochs, a bar, log line and checkpoint each. Resume loads
+    `state` and the step only: every random draw is a function of (seed, epoch, index) or (seed, step)."""
     path, step = os.path.join(run, f"checkpoint_{stage}.pt"), 0
     if args.resume and os.path.exists(path):
         checkpoint = data.load_checkpoint(path)
@@ -397,17 +377,6 @@ def export(module, run, variant, info, args, groups):
     print(f"exported {os.path.join(run, variant)}.pt2: {meta['channels']} x {meta['output_size']} features")
 
 
-def save_pictures(path, images, maps):
-    """Images (n, 3, H, W) above their maps (n, 3, h, w), both in [0, 1], as one PNG."""
-    maps = F.interpolate(maps.float().cpu(), size=images.shape[2:], mode="nearest")
-    torchvision.utils.save_image(torch.cat([images.cpu(), maps]).clamp(0, 1), path, nrow=len(images))
-
-
-def clean_images(train_set, n):
-    """The first n training images, RGB in [0, 1]: (n, 3, H, W)."""
-    return torch.stack([train_set[i]["image"] for i in range(min(n, len(train_set)))])
-
-
 def load_backbone(run, device):
     """The MoCo query encoder from this run's checkpoint_pretrain.pt, frozen and in eval mode, with the batch-norm
     statistics the pretraining stage exported it with (the clean-image ones of --bn-stats-images, if set)."""
@@ -426,13 +395,9 @@ def main(argv=None):
     device = data.choose_device(args.device)
     dtype = data.amp_dtype(device, args.amp)
     workers = data.default_workers(device) if args.workers is None else args.workers
-    try:  # RGB in [0, 1]: the views are made before normalising
-        info = data.make_dataset(args.dataset, "train", root=args.data_root, size=args.image_size, normalize=False)
-    except data.DatasetError as error:
-        raise SystemExit(f"error: {error}")
-    train_set = torch.utils.data.Subset(info, range(min(args.train_images or len(info), len(info))))
+    info, train_set = data.training_images(args.dataset, args.data_root, args.image_size, args.train_images)
     normalize = data.Normalize(info.mean, info.std).to(device)
-    figure_images = clean_images(train_set, 8)  # 8 x 3 x H x W
+    figure_images = data.first_images(train_set, 8)  # 8 x 3 x H x W
     grid = args.image_size // 2  # the exports' hypercolumn grid: 48x48 at 96 px, as in the official code
     stages = ["pretrain", "project", "nmf"] if args.stage == "all" else [args.stage]
 
@@ -460,7 +425,7 @@ def main(argv=None):
             return
         model.eval()
         if args.bn_stats_images:  # clean images' statistics, kept beside the training state (--resume needs it)
-            images = normalize(clean_images(train_set, args.bn_stats_images).to(device))
+            images = normalize(data.first_images(train_set, args.bn_stats_images).to(device))
             stats = measure_bn_stats(model, images, args.batch_size).state_dict()
             stats = {k: v for k, v in stats.items() if "running_" in k}
             path = os.path.join(run, "checkpoint_pretrain.pt")
@@ -470,12 +435,9 @@ def main(argv=None):
         for name in args.layers if len(args.layers) > 1 else []:  # each layer alone (Tab. 3)
             layer = Hypercolumn(model, [name], grid)
             export(layer, run, name, info, args, layer.groups)
-        with torch.no_grad():  # supplement Fig. 1: the first 3 principal components of the hypercolumn as RGB
-            h = hyper(normalize(figure_images.to(device))).float()  # 8 x C x 48 x 48
-            flat = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])  # (8 48 48) x C
-            rgb = (flat - flat.mean(0)) @ torch.pca_lowrank(flat, q=3)[2]  # (8 48 48) x 3
-            rgb = (rgb - rgb.min(0).values) / (rgb.max(0).values - rgb.min(0).values + 1e-8)
-        save_pictures(os.path.join(run, "pca.png"), figure_images, rgb.view(-1, grid, grid, 3).permute(0, 3, 1, 2))
+        with torch.no_grad():  # the first 3 principal components of the hypercolumn as RGB (supplement Fig. 1)
+            pca = data.pca_rgb(hyper(normalize(figure_images.to(device))))  # 8 x 3 x 48 x 48
+        data.save_pictures(os.path.join(run, "pca.png"), figure_images, pca)
 
     if "project" in stages:  # ---- spatial-contrastive projector, Eq. 3-4 ---------------------------------------
         run = data.start_run(args.runs_dir, SCRIPT, args.name, "project", args, args.resume)
@@ -485,7 +447,7 @@ def main(argv=None):
         projector = Projector(sum(hyper.widths), args.proj_dim, args.proj_softmax).to(device)
         optimizer = torch.optim.Adam(projector.parameters(), lr=args.proj_lr, weight_decay=5e-4)
         state = {"projector": projector, "optimizer": optimizer, "scaler": data.grad_scaler(device, dtype)}
-        loader = data.make_loader(Images(train_set), args.batch_size, args.seed, workers, device)
+        loader = data.make_loader(data.Uint8Images(train_set), args.batch_size, args.seed, workers, device)
 
         def step_fn(batch, g):  # un-augmented images, x' = x: g draws nothing here
             with torch.no_grad(), data.autocast(device, dtype):
@@ -504,15 +466,11 @@ def main(argv=None):
         data.seed_everything(args.seed, args.deterministic)
         backbone = load_backbone(run, device)
         hyper = Hypercolumn(backbone, args.layers, args.image_size // 4)
-        images = clean_images(train_set, args.nmf_images)
-        with torch.no_grad(), data.autocast(device, dtype):
+        images = data.first_images(train_set, args.nmf_images)
+        with torch.no_grad(), data.autocast(device, dtype):  # n x C x 24 x 24, >= 0 after ReLU and resizing
             v = torch.cat([hyper(normalize(x.to(device))).float() for x in images.split(args.batch_size)])
-        V = v.permute(0, 2, 3, 1).reshape(-1, v.shape[1])  # (n 24 24) x C, >= 0 after ReLU and resizing
-        torch.set_flush_denormal(True)  # the updates shrink unused basis entries into denormals: 2x slower on CPU
-        start = time.time()
-        W, basis = data.nmf(V, args.nmf_k, args.nmf_iters, generator=data.generator(args.seed))
-        data.log(run, "nmf", {"stage": "nmf", "images": len(images), "k": args.nmf_k, "seconds": round(
-            time.time() - start, 1), "relative_error": round(((V - W @ basis).norm() / V.norm()).item(), 4)})
+        basis, record = data.nmf_basis(v, args.nmf_k, args.nmf_iters, args.seed)
+        data.log(run, "nmf", {"stage": "nmf", **record})
         data.save_checkpoint(os.path.join(run, "checkpoint_nmf.pt"), state={"basis": basis.cpu()}, args=vars(args))
         extractor = nn.Sequential(Hypercolumn(backbone, args.layers, grid),
                                   data.NMFCoefficients(basis, args.nmf_iters // 4))
@@ -521,8 +479,8 @@ def main(argv=None):
             parts = extractor(normalize(figure_images.to(device))).argmax(1).cpu()  # 8 x 48 x 48
         palette = torch.rand(args.nmf_k, 3, generator=data.generator(0))  # a colour per part
         small = F.interpolate(figure_images, size=(grid, grid), mode="bilinear", antialias=True)
-        save_pictures(os.path.join(run, "nmf_parts.png"), figure_images, 0.4 * small + 0.6 * palette[parts].permute(
-            0, 3, 1, 2))
+        data.save_pictures(os.path.join(run, "nmf_parts.png"), figure_images,
+                           0.4 * small + 0.6 * palette[parts].permute(0, 3, 1, 2))
 
 
 if __name__ == "__main__":

@@ -149,8 +149,8 @@ def reference_view(image, p, i, size):
 
 def test_batched_views_match_torchvision_sample_by_sample():
     dataset = data.make_dataset("synth-faces", "train", size=64, normalize=False, length=16)
-    images = torch.stack([bl.Images(dataset)[(3, i)]["image"] for i in range(16)])  # uint8, any epoch
-    assert images.dtype == torch.uint8 and torch.equal(images[0], bl.Images(dataset)[(0, 0)]["image"])
+    images = torch.stack([data.Uint8Images(dataset)[(3, i)]["image"] for i in range(16)])  # uint8, any epoch
+    assert images.dtype == torch.uint8 and torch.equal(images[0], data.Uint8Images(dataset)[(0, 0)]["image"])
     for blur, solarize in ((1.0, 0.0), (0.5, 0.5)):
         p = bl.view_params(16, 64, data.generator(0, 7), blur, solarize)
         views = bl.byol_views(images, p)
@@ -294,7 +294,7 @@ def test_byol_and_lead_learn_on_the_synthetic_faces(tmp_path):
     path = run(tmp_path, *flags, "--stage", "1")
     run(tmp_path, *flags, "--stage", "2")  # 16 steps on the pairs of views
     dataset = data.make_dataset("synth-faces", "val", size=64, normalize=False, length=32)
-    images = torch.stack([bl.Images(dataset)[(0, i)]["image"] for i in range(32)])
+    images = torch.stack([data.Uint8Images(dataset)[(0, i)]["image"] for i in range(32)])
     normalize = data.Normalize(dataset.mean, dataset.std)
     pairs = {view: normalize(bl.byol_views(images, bl.view_params(32, 64, data.generator(5, view), blur, solarize)))
              for view, blur, solarize in ((1, 1.0, 0.0), (2, 0.1, 0.2))}

@@ -120,7 +120,7 @@ def test_worker_images_depend_only_on_seed_epoch_and_index():
     assert not torch.equal(a["query"], a["key"])  # each view its own JPEG noise
     assert torch.equal(images[(0, 1)]["query"], a["query"])
     assert not torch.equal(images[(1, 1)]["query"], a["query"])  # the epoch comes with the key
-    clean = mh.Images(dataset)[(0, 1)]["image"]
+    clean = data.Uint8Images(dataset)[(0, 1)]["image"]
     assert torch.equal(clean, (dataset[1]["image"] * 255).round().to(torch.uint8))
 
 

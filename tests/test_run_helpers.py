@@ -1,4 +1,6 @@
 """The run helpers every script shares (data.py section 7): precision choice, determinism, the epoch-keyed loader."""
+import os
+
 import pytest
 import torch
 
@@ -67,3 +69,48 @@ def test_a_resumed_epoch_skips_the_batches_it_did():
     full = list(sampler)
     sampler.start = 1
     assert list(sampler) == full[1:] and len(sampler) == 2 and len(full) == 3
+
+
+def test_uint8_images_round_the_dataset_images_for_any_epoch():
+    dataset = [{"image": torch.rand(3, 8, 8)} for _ in range(3)]
+    images = data.Uint8Images(dataset)
+    assert len(images) == 3
+    item = images[(5, 2)]["image"]
+    assert item.dtype == torch.uint8 and torch.equal(item, images[(0, 2)]["image"])
+    assert (item.float() / 255 - dataset[2]["image"]).abs().max() <= 0.5 / 255 + 1e-6
+    assert torch.equal(data.first_images(dataset, 10), torch.stack([d["image"] for d in dataset]))
+
+
+def test_nmf_basis_fits_features_made_of_k_parts():
+    parts = torch.rand(4, 16)  # features that are sums of 4 non-negative parts
+    features = (torch.rand(6, 5, 5, 4) @ parts).permute(0, 3, 1, 2)  # 6 x 16 x 5 x 5
+    basis, record = data.nmf_basis(features, 4, 300, seed=0)
+    assert basis.shape == (4, 16) and (basis >= 0).all()
+    assert record["images"] == 6 and record["k"] == 4 and record["relative_error"] < 0.05
+
+
+def test_pca_rgb_colours_by_the_main_direction(tmp_path):
+    direction = torch.randn(32)
+    weight = torch.linspace(-1, 1, 10).view(1, 1, 1, 10)  # one strong direction along the width
+    features = direction.view(1, 32, 1, 1) * weight.expand(2, 1, 3, 10) + 0.01 * torch.randn(2, 32, 3, 10)
+    rgb = data.pca_rgb(features)
+    assert rgb.shape == (2, 3, 3, 10) and rgb.min() >= 0 and rgb.max() <= 1
+    first = rgb[:, 0]  # the first component is monotonic in the width (either sign)
+    assert (first[..., -1] - first[..., 0]).abs().min() > 0.9
+    data.save_pictures(tmp_path / "p.png", torch.rand(2, 3, 12, 40), rgb)
+    assert os.path.getsize(tmp_path / "p.png") > 0
+
+
+def test_missing_imagenet_weights_stop_with_a_sentence(monkeypatch):
+    def offline(*_, **__):
+        raise OSError("no network")
+    monkeypatch.setattr(data.torchvision.models, "get_model", offline)
+    with pytest.raises(SystemExit, match="drop --imagenet-init"):
+        data.torchvision_model("resnet18", imagenet=True)
+
+
+def test_training_images_cut_the_split_and_explain_a_missing_dataset(tmp_path):
+    info, train_set = data.training_images("synth-faces", None, 32, n=5)
+    assert len(train_set) == 5 and len(info) > 5 and train_set[0]["image"].min() >= 0  # RGB in [0, 1]
+    with pytest.raises(SystemExit, match="error: "):
+        data.training_images("celeba", str(tmp_path / "missing"), 32)
