@@ -67,9 +67,8 @@ HYPER = LAYERS[::-1]  # the hypercolumn's order, deepest first (960-d for ResNet
 
 # ===== Settings =====
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="LEAD: BYOL, then compact features aligned with the hypercolumn's "
-                                "similarity distributions (Karmali et al. 2022)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="LEAD: BYOL, then compact features with the hypercolumn's similarities "
+                                "(Karmali et al. 2022)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add, switch = p.add_argument, argparse.BooleanOptionalAction
     add("--stage", default="all", choices=["all", "1", "2", "nmf"], help="what to run; 2 and nmf read stage 1's --name")
     add("--dataset", default="synth-faces", choices=list(data.DATASETS), help="training data (see data.py)")
@@ -242,12 +241,6 @@ def lead_loss_chunked(t_i, t_j, s_i, s_j, tau=0.05, chunk=144):
                for a in range(0, hw, chunk)).mean()
 
 
-def warmup_cosine(optimizer, steps, warmup):
-    """Linear warm-up over `warmup` steps, then a cosine to 0 at `steps`, stepped every iteration."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: (k + 1) / warmup if k < warmup else
-                                             0.5 * (1 + math.cos(math.pi * (k - warmup) / max(steps - warmup, 1))))
-
-
 # ===== Views =====
 def view_params(n, size, g, blur, solarize):
     """Parameters of n BYOL views of size x size images, drawn per sample on the CPU from g: torchvision's
@@ -383,6 +376,12 @@ def update(loss, optimizer, scaler):
     scaler.update()
 
 
+def warmup_cosine(optimizer, steps, warmup):
+    """Linear warm-up over `warmup` steps, then a cosine to 0 at `steps`, stepped every iteration."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: (k + 1) / warmup if k < warmup else
+                                             0.5 * (1 + math.cos(math.pi * (k - warmup) / max(steps - warmup, 1))))
+
+
 # ===== Exports and pictures =====
 def export(module, run, variant, info, args, groups):
     """Write <run>/<variant>.pt2: a frozen extractor of dense features from [0, 1] images (data.save_extractor)."""
@@ -420,8 +419,8 @@ def main(argv=None):
         run = data.start_run(args.runs_dir, SCRIPT, args.name, "stage1", args, args.resume)
         data.seed_everything(args.seed, args.deterministic)
         online = Online(args.arch, args.byol_hidden, args.byol_dim, args.imagenet_init)
-        online = online.to(device, memory_format=torch.channels_last).train()  # channels_last: faster on CPU
-        predictor = mlp(args.byol_dim, args.byol_hidden, args.byol_dim).to(device).train()
+        online = online.to(device, memory_format=torch.channels_last)  # channels_last: faster convs on CPU
+        predictor = mlp(args.byol_dim, args.byol_hidden, args.byol_dim).to(device)
         target = copy.deepcopy(online).requires_grad_(False)  # xi starts equal to theta, then follows by EMA only
         optimizer = torch.optim.SGD([*online.parameters(), *predictor.parameters()], lr=args.lr, momentum=0.9,
                                     weight_decay=1e-4)

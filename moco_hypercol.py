@@ -52,7 +52,6 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch import nn
@@ -404,15 +403,13 @@ def main(argv=None):
     if "pretrain" in stages:  # ---- MoCo, Eq. 5 ---------------------------------------------------------------
         run = data.start_run(args.runs_dir, SCRIPT, args.name, "pretrain", args, args.resume)
         data.seed_everything(args.seed, args.deterministic)
-        model = build_resnet(args.arch, args.moco_dim, args.imagenet_init)
-        model = model.to(device, memory_format=torch.channels_last).train()  # channels_last: faster on CPU
+        model = build_resnet(args.arch, args.moco_dim, args.imagenet_init).to(device, memory_format=torch.channels_last)
         key_model = copy.deepcopy(model).requires_grad_(False)  # starts equal, then follows by momentum only
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
-        steps = args.epochs * (len(train_set) // args.batch_size)
-        state = {"model": model, "key_model": key_model, "queue": KeyQueue(args.moco_queue, args.moco_dim).to(device),
-                 "optimizer": optimizer, "scaler": data.grad_scaler(device, dtype),
-                 "scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))}
         loader = data.make_loader(Images(train_set, args.seed), args.batch_size, args.seed, workers, device)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.epochs * len(loader), 1))
+        state = dict(model=model, key_model=key_model, queue=KeyQueue(args.moco_queue, args.moco_dim).to(device),
+                     optimizer=optimizer, scheduler=scheduler, scaler=data.grad_scaler(device, dtype))
 
         def step_fn(batch, g):  # batch: the JPEG-noised uint8 images, "query" and "key", N x 3 x S x S each
             images = torch.cat([batch["query"], batch["key"]])  # 2N x 3 x S x S: all views in one go
@@ -446,8 +443,8 @@ def main(argv=None):
         hyper = Hypercolumn(backbone, args.layers, args.image_size // 4)  # 24x24 at 96 px
         projector = Projector(sum(hyper.widths), args.proj_dim, args.proj_softmax).to(device)
         optimizer = torch.optim.Adam(projector.parameters(), lr=args.proj_lr, weight_decay=5e-4)
-        state = {"projector": projector, "optimizer": optimizer, "scaler": data.grad_scaler(device, dtype)}
         loader = data.make_loader(data.Uint8Images(train_set), args.batch_size, args.seed, workers, device)
+        state = dict(projector=projector, optimizer=optimizer, scaler=data.grad_scaler(device, dtype))
 
         def step_fn(batch, g):  # un-augmented images, x' = x: g draws nothing here
             with torch.no_grad(), data.autocast(device, dtype):
