@@ -9,7 +9,7 @@ all import this one module. Its sections, in reading order:
 4. warps (thin-plate spline, affine, elastic) that move images and points together, exactly;
 5. datasets by name, for every script's --dataset flag;
 6. the exported feature-extractor contract: how a method hands its frozen features to the evaluation;
-7. what the method files share: the NMF baseline and the run helpers;
+7. what the method files share: the NMF baseline, the run helpers, the uint8 dataset and the pictures;
 8. the command line: `python data.py preview --dataset synth-faces-wild --out preview.png` draws samples.
 
 Every dataset follows the sample format of docs/protocol.md (section 1): ``dataset[i]`` is a dict with image
