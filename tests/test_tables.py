@@ -36,5 +36,8 @@ def test_dry_run_only_prints_the_commands_each_regression_with_the_one_set_of_fl
     out = tables("byol", "--dry-run", "--runs-dir", str(tmp_path / "runs"))
     regressions = [line for line in out.splitlines() if line.startswith("$ python regress.py")]
     assert len(regressions) == 5
-    assert all(" ".join(tables_module.REGRESS) in line for line in regressions)
+    for line in regressions:  # the features file, then REGRESS, then the row's own flags: no other training flags
+        after_features = line.split(" --features ")[1].split(" ", 1)[1]
+        assert after_features.startswith(" ".join(tables_module.REGRESS + ["--"]).strip()), line
+        assert "--optim" not in line and "--epochs" not in line and "--lr" not in line, line
     assert not os.path.exists(tmp_path / "runs")  # nothing ran
