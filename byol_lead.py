@@ -202,9 +202,7 @@ def lead_head(dim, hidden=256):  # Sec. 3.3's projection head, for the loss only
 def byol_loss(p1, p2, z1, z2):
     """Eq. 1, symmetrised: ||p1/|p1| - z2/|z2|||^2 + ||p2/|p2| - z1/|z1|||^2 = (2 - 2 cos) + (2 - 2 cos), each
     averaged over the batch and the two SUMMED. p: online predictions, z: target projections, N x dim each."""
-    def distance(p, z):
-        return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=1)).mean()
-    return distance(p1, z2) + distance(p2, z1)
+    return sum((2 - 2 * F.cosine_similarity(p, z.detach(), dim=1)).mean() for p, z in ((p1, z2), (p2, z1)))
 
 
 def similarity_distributions(f_i, f_j, tau, log=False):
@@ -236,9 +234,8 @@ def lead_loss_chunked(t_i, t_j, s_i, s_j, tau=0.05, chunk=144):
         log_q = (s_u.transpose(1, 2) @ s_j / tau).log_softmax(-1)  # B x c x hw
         return -(p_u * log_q).sum((1, 2))
 
-    hw = p.shape[1]
     return sum(checkpoint(rows, p[:, a:a + chunk], s_i[..., a:a + chunk], use_reentrant=False)
-               for a in range(0, hw, chunk)).mean()
+               for a in range(0, p.shape[1], chunk)).mean()  # over the hw rows u
 
 
 # ===== Views =====

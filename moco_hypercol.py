@@ -212,7 +212,7 @@ def spatial_contrastive_loss(f, stride, tau=1 / 7, power=0.5):
     """Eq. 3-4 with x' = x: p(v|u) = softmax_v(cos(f_u, f_v) / tau) over the locations v of the same image and
     loss = mean_u sum_v ||u - v||^power p(v|u), distances in input pixels (`stride` pixels per cell). It is low
     when each location's feature is similar to its own and its near neighbours' only. f: B x d x h x w."""
-    b, d, h, w = f.shape
+    h, w = f.shape[-2:]
     f = F.normalize(f.flatten(2).float(), dim=1)  # B x d x hw
     p = (f.transpose(1, 2) @ f / tau).softmax(-1)  # B x hw(u) x hw(v)
     ys, xs = torch.meshgrid(torch.arange(h, device=f.device), torch.arange(w, device=f.device), indexing="ij")
