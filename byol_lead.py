@@ -170,8 +170,7 @@ class Hypercolumn(nn.Module):
 
 
 class FPNDecoder(nn.Module):
-    """Sec. 3.3: layer1..layer4 (1/4..1/32) -> a dim-channel map at 1/4: torchvision's FPN, its four outputs
-    resized to 1/4 and summed, then a 3x3 conv."""
+    """Sec. 3.3: layer1..layer4 (1/4..1/32) -> a dim-channel map at 1/4 (FPN levels resized and summed, 3x3 conv)."""
     def __init__(self, widths, dim):
         super().__init__()
         self.fpn = torchvision.ops.FeaturePyramidNetwork(list(widths), dim)
@@ -240,10 +239,9 @@ def lead_loss_chunked(t_i, t_j, s_i, s_j, tau=0.05, chunk=144):
 
 # ===== Views =====
 def view_params(n, size, g, blur, solarize):
-    """Parameters of n BYOL views of size x size images, drawn per sample on the CPU from g: torchvision's
-    RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, 10 tries, then the whole image), flip 0.5, ColorJitter(0.4,
-    0.4, 0.2, 0.1) with p 0.8 in a random order, grayscale 0.2, blur (sigma 0.1-2) with p `blur`, solarisation
-    with p `solarize`."""
+    """Parameters of n views, drawn per sample on the CPU from g: torchvision's RandomResizedCrop box (x1, y1, x2,
+    y2; area in [0.08, 1], ratio 3/4-4/3, 10 tries, then the whole image), flip 0.5, ColorJitter(0.4, 0.4, 0.2, 0.1)
+    with p 0.8 in a random order, grayscale 0.2, blur (sigma 0.1-2) with p `blur`, solarisation with p `solarize`."""
     u = lambda *shape, lo=0.0, hi=1.0: lo + (hi - lo) * torch.rand(*shape, generator=g)  # noqa: E731
     area, ratio = size * size * u(n, 10, lo=0.08), u(n, 10, lo=math.log(3 / 4), hi=math.log(4 / 3)).exp()
     w, h = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()  # n x 10 tries
@@ -290,9 +288,8 @@ def blur_rows(sigma, blur, size):
 
 
 def byol_views(images, params):
-    """BYOL's views of uint8 images (N x 3 x S x S, on the device) with the per-sample `params` of view_params
-    (on the same device): float N x 3 x S x S in [0, 1]. Crop, resize and flip, and the blur, are per-sample
-    matrices applied to the rows and the columns (rows @ x @ columns^T)."""
+    """The views of uint8 images (N x 3 x S x S) with the `params` of view_params, on their device: float, in [0, 1].
+    Crop, resize and flip, and the blur, are per-sample matrices on the rows and columns (rows @ x @ columns^T)."""
     n, _, size, _ = images.shape
     one = lambda key: params[key].view(n, 1, 1, 1)  # noqa: E731
     gray = lambda x: 0.2989 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]  # noqa: E731  N x 1 x S x S

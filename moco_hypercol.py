@@ -249,10 +249,9 @@ class Images(data.Uint8Images):
 
 
 def view_params(n, height, width, g, crop_min=0.2, jitter=0.4, hue=0.0, grayscale=0.0):
-    """The random parameters of n views, small tensors drawn from the CPU generator g: RandomResizedCrop's box
-    (top, left, h, w: torchvision's 10 tries of an area fraction in [crop_min, 1] and a log-uniform aspect ratio in
-    [3/4, 4/3], else the whole image), ColorJitter's factors (brightness, contrast, saturation in 1 +- jitter, hue
-    shift in +-hue) and order per view, grayscale with probability `grayscale`, lighting alpha ~ N(0, 0.1^2)."""
+    """Parameters of n views, drawn per sample on the CPU from g: torchvision's RandomResizedCrop box (top, left, h,
+    w; area in [crop_min, 1], ratio 3/4-4/3, 10 tries, then the whole image), ColorJitter's factors (1 +- jitter,
+    hue +-hue) and order, grayscale with p `grayscale`, lighting alpha ~ N(0, 0.1^2)."""
     area = height * width * (crop_min + (1 - crop_min) * torch.rand(n, 10, generator=g))  # n x 10 tries
     ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * torch.rand(n, 10, generator=g))
     w, h = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()
@@ -279,8 +278,8 @@ def adjust_hue(x, shift):
 
 
 def moco_views(images, p):
-    """The views of a batch of uint8 images (n, 3, H, W) on their device, with the parameters of view_params
-    (on the same device): float (n, 3, H, W), about [0, 1], equal to torchvision's per-image ops (tested)."""
+    """The views of uint8 images (n x 3 x H x W) with the params `p` of view_params, on their device: float, about
+    [0, 1] (the lighting noise may leave it), as torchvision's per-image ops (tested)."""
     n, _, height, width = images.shape
     top, left, h, w = p["box"].unbind(1)  # n each
 
