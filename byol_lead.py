@@ -255,17 +255,6 @@ def view_params(n, size, g, blur, solarize):
             "gray": u(n) < 0.2, "blur": u(n) < blur, "sigma": u(n, lo=0.1, hi=2.0), "solarize": u(n) < solarize}
 
 
-def adjust_hue(x, shift):
-    """Rotate the HSV hue of x (N x 3 x H x W in [0, 1]) by `shift` turns (N x 1 x 1 x 1), as torchvision's
-    adjust_hue: value V and chroma C stay, channel n becomes V - C clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6."""
-    v, c = x.amax(1, keepdim=True), x.amax(1, keepdim=True) - x.amin(1, keepdim=True)  # N x 1 x H x W
-    r, g, b = x[:, :1], x[:, 1:2], x[:, 2:]
-    safe = torch.where(c > 0, c, 1.0)  # grey pixels: C = 0, any hue
-    h6 = torch.where(v == r, (g - b) / safe, torch.where(v == g, (b - r) / safe + 2, (r - g) / safe + 4)) + 6 * shift
-    k = (torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1) + h6) % 6  # n = 5, 3, 1: N x 3 x H x W
-    return v - c * torch.minimum(k, 4 - k).clamp_(0, 1)
-
-
 def resize_rows(start, length, size, flip):
     """N x size x size matrices R: R @ line resizes pixels [start, start + length) of a line to `size`, flipped
     where `flip`, bilinear on pixel centres with the ends clamped (torchvision's resized_crop)."""
@@ -307,7 +296,7 @@ def byol_views(images, params):
             target = torch.where(op == 0, 0.0, torch.where(op == 1, y.mean((2, 3), keepdim=True), y))
             x = torch.lerp(target, x, f).clamp_(0, 1)
         if before:
-            x = torch.where(one("jitter"), adjust_hue(x, params["factors"][:, 3].view(n, 1, 1, 1)), x)
+            x = torch.where(one("jitter"), data.adjust_hue(x, params["factors"][:, 3].view(n, 1, 1, 1)), x)
     x = torch.where(one("gray"), gray(x), x)
     blur = blur_rows(params["sigma"], params["blur"], size)[:, None]  # N x 1 x S x S
     x = blur @ x @ blur.transpose(2, 3)

@@ -1962,6 +1962,17 @@ def training_images(dataset, root, size, n=0):
     return info, torch.utils.data.Subset(info, range(min(n or len(info), len(info))))
 
 
+def adjust_hue(x, shift):
+    """Rotate the HSV hue of x (N x 3 x H x W in [0, 1]) by `shift` turns (N x 1 x 1 x 1), as torchvision's
+    adjust_hue: value V and chroma C stay, channel n becomes V - C clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6."""
+    v, c = x.amax(1, keepdim=True), x.amax(1, keepdim=True) - x.amin(1, keepdim=True)  # N x 1 x H x W
+    r, g, b = x[:, :1], x[:, 1:2], x[:, 2:]
+    safe = torch.where(c > 0, c, 1.0)  # grey pixels: C = 0, any hue
+    h6 = torch.where(v == r, (g - b) / safe, torch.where(v == g, (b - r) / safe + 2, (r - g) / safe + 4)) + 6 * shift
+    k = (torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1) + h6) % 6  # n = 5, 3, 1: N x 3 x H x W
+    return v - c * torch.minimum(k, 4 - k).clamp_(0, 1)
+
+
 class Uint8Images(Dataset):
     """The workers' share for views drawn on the device: `dataset[(epoch, index)]` (data.make_loader's keys) ->
     {"image": uint8 (3, H, W)} of a dataset whose items hold "image", RGB in [0, 1]; uint8 copies 4x fewer bytes."""

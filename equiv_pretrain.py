@@ -223,19 +223,6 @@ def variance_loss(heatmaps):
 
 
 # ===== Views =====
-class Images(torch.utils.data.Dataset):
-    """Training image `index` as uint8 (3, H, W) for a key (epoch, index) of data.make_loader's sampler."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        return {"image": (self.dataset[key[1]]["image"] * 255).round().to(torch.uint8)}
-
-
 def random_warp(n, args, g, device, zoom_and_shift):
     """g as a data.Warp drawn from the CPU generator g: a rotation, a zoom ("crop and zoom") and a shift for Eq. 7
     (stage 1; stage 2 and match.py's Acc(d) have neither), then an elastic warp."""
@@ -394,7 +381,7 @@ def main(argv=None):
     except data.DatasetError:
         shown = train_set
     figure_images = torch.stack([shown[i]["image"] for i in range(min(8, len(shown)))])  # 8 x 3 x H x W
-    loader = data.make_loader(Images(train_set), args.batch_size, args.seed, workers, device)  # for every stage
+    loader = data.make_loader(data.Uint8Images(train_set), args.batch_size, args.seed, workers, device)  # for every stage
     per_epoch = max(len(train_set) // args.batch_size, 1)
     stages = ["end2end"] if args.end_to_end else ["stage1", "stage2"] if args.stage == "all" else [f"stage{args.stage}"]
 

@@ -266,17 +266,6 @@ def view_params(n, height, width, g, crop_min=0.2, jitter=0.4, hue=0.0, grayscal
             "gray": torch.rand(n, generator=g) < grayscale, "alpha": 0.1 * torch.randn(n, 3, generator=g)}
 
 
-def adjust_hue(x, shift):
-    """Rotate the HSV hue of x (N x 3 x H x W in [0, 1]) by `shift` turns (N x 1 x 1 x 1), as torchvision's
-    adjust_hue: value V and chroma C stay, channel n becomes V - C clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6."""
-    v, c = x.amax(1, keepdim=True), x.amax(1, keepdim=True) - x.amin(1, keepdim=True)  # N x 1 x H x W
-    r, g, b = x[:, :1], x[:, 1:2], x[:, 2:]
-    safe = torch.where(c > 0, c, 1.0)  # grey pixels: C = 0, any hue
-    h6 = torch.where(v == r, (g - b) / safe, torch.where(v == g, (b - r) / safe + 2, (r - g) / safe + 4)) + 6 * shift
-    k = (torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1) + h6) % 6  # n = 5, 3, 1: N x 3 x H x W
-    return v - c * torch.minimum(k, 4 - k).clamp_(0, 1)
-
-
 def moco_views(images, p):
     """The views of uint8 images (n x 3 x H x W) with the params `p` of view_params, on their device: float, about
     [0, 1] (the lighting noise may leave it), as torchvision's per-image ops (tested)."""
@@ -297,7 +286,7 @@ def moco_views(images, p):
         # brightness, contrast and saturation blend the image with black, its mean grey and its grey
         other = torch.where(op == 1, gray.mean((1, 2, 3), keepdim=True), gray) * (op != 0)
         blend = torch.lerp(other, x, f).clamp_(0, 1)  # f x + (1 - f) other
-        x = torch.where(op == 3, adjust_hue(x, f), blend) if p["order"].shape[1] == 4 else blend
+        x = torch.where(op == 3, data.adjust_hue(x, f), blend) if p["order"].shape[1] == 4 else blend
     x = torch.where(p["gray"].view(n, 1, 1, 1), TF.rgb_to_grayscale(x).expand_as(x), x)
     lighting = (p["alpha"] * PCA_EIGVAL.to(x)) @ PCA_EIGVEC.to(x).T  # n x 3, AlexNet's PCA colour noise
     return x + lighting.view(n, 3, 1, 1)

@@ -76,7 +76,7 @@ def views_speed(args):
     """Old and new paths alternated in each of --steps repetitions, each timing a whole batch; the fastest
     repetition of each (on a shared machine a timing is stretched whenever the process waits for a core)."""
     faces = data.make_dataset("synth-faces", "train", size=96, normalize=False, length=args.batch_size)
-    images, opts = ep.Images(faces), ep.get_args([])
+    images, opts = data.Uint8Images(faces), ep.get_args([])
     worker = {"old": lambda i: faces[i]["image"], "new": lambda i: images[(0, i)]["image"]}
     batch = {name: torch.stack([get(i) for i in range(len(faces))]) for name, get in worker.items()}
     times = {}

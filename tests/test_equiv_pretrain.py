@@ -177,7 +177,7 @@ def test_appearance_on_the_batch_equals_a_per_image_reference_with_the_same_draw
 
 def test_the_worker_side_returns_uint8_images_and_draws_nothing():
     faces = data.make_dataset("synth-faces", "train", size=32, normalize=False, length=4)
-    images = ep.Images(faces)
+    images = data.Uint8Images(faces)
     sample = images[(3, 2)]
     assert sample["image"].dtype == torch.uint8 and sample["image"].shape == (3, 32, 32)
     assert torch.equal(sample["image"], images[(0, 2)]["image"])  # the epoch changes nothing: views are drawn later
