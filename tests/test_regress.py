@@ -214,6 +214,7 @@ def fit_default(train, val, test, spec, epochs=10, batch_size=16, *flags):
                        args.select_on, False, "cpu", seed=0, amp=torch.bfloat16)["test"]
 
 
+@pytest.mark.slow  # four full head trainings: 11 s
 def test_default_beats_the_mean_shape_and_channel_scale_does_not_decide():
     """A known-good hypercolumn-like map at 64 px (32x32 cells, stride 2 as DVE's): one Gaussian bump per landmark
     plus 3 channels of smooth noise. The default protocol beats the mean training shape by far (the oracle's floor is
