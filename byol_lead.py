@@ -416,7 +416,7 @@ def main(argv=None):
             x, views = batch["image"], []  # N x 3 x S x S uint8
             for blur, solarize in ((1.0, 0.0), (0.1, 0.2)):  # BYOL's t and t'
                 params = view_params(len(x), args.image_size, g, blur, solarize)
-                views.append(normalize(byol_views(x, {k: v.to(device, non_blocking=True) for k, v in params.items()})))
+                views.append(normalize(byol_views(x, data.to_device(params, device))))
             with data.autocast(device, dtype):
                 p1, p2 = [predictor(online(v)).float() for v in views]  # N x dim, BN statistics of one view
                 with torch.no_grad():

@@ -1939,7 +1939,8 @@ def default_workers(device):
 
 
 def to_device(batch, device):
-    """Copy a dict of (pinned) tensors to `device` without waiting for the copy (non_blocking)."""
+    """Copy a dict of tensors to `device` with non_blocking: from pinned memory (the loader's) the host does not wait
+    for the copy; from pageable memory (small per-step parameters) it does not wait for the GPU's queued work."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 

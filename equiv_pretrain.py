@@ -235,7 +235,7 @@ def random_warp(n, args, g, device, zoom_and_shift):
 def appearance(images, jitter, noise, g):
     """r of Eq. 7 on images (B, 3, H, W) in [0, 1]: brightness and contrast factors in 1 +- jitter, then Gaussian
     noise of std U[0, noise], per image from the CPU generator g; the noise by a device generator seeded from g."""
-    u = torch.rand(3, len(images), 1, 1, 1, generator=g).to(images.device)  # 3 x B x 1 x 1 x 1
+    u = torch.rand(3, len(images), 1, 1, 1, generator=g).to(images.device, non_blocking=True)  # 3 x B x 1 x 1 x 1
     images = images * (1 + jitter * (2 * u[0] - 1))  # brightness
     mean = images.mean((1, 2, 3), keepdim=True)
     images = (images - mean) * (1 + jitter * (2 * u[1] - 1)) + mean  # contrast about the image's mean grey
@@ -296,7 +296,8 @@ def stage1_step(state, x, g, args, normalize, dtype):
     or more (the (2N)^2 logits above 256 MB) take the blocked loss."""
     warp = random_warp(len(x), args, g, x.device, zoom_and_shift=True)
     x_prime = appearance(data.warp_images(x, warp), args.equiv_jitter, args.equiv_noise, g)  # r(g(x))
-    lam = (2 * torch.rand(len(x), args.equiv_points, 2, generator=g) - 1).to(x.device)  # B x P x 2, normalised
+    lam = 2 * torch.rand(len(x), args.equiv_points, 2, generator=g) - 1  # B x P x 2, normalised
+    lam = lam.to(x.device, non_blocking=True)
     lam_prime = warp.forward(lam)  # g(lambda), exact (NaN if lost: never for these warps)
     keep = (lam_prime.abs() <= 1).all(-1).flatten()  # B P: g(lambda) still on the image
     with data.autocast(x.device, dtype):
@@ -381,7 +382,8 @@ def main(argv=None):
     except data.DatasetError:
         shown = train_set
     figure_images = torch.stack([shown[i]["image"] for i in range(min(8, len(shown)))])  # 8 x 3 x H x W
-    loader = data.make_loader(data.Uint8Images(train_set), args.batch_size, args.seed, workers, device)  # for every stage
+    images = data.Uint8Images(train_set)  # the workers' share: uint8 images; the views are made in the steps
+    loader = data.make_loader(images, args.batch_size, args.seed, workers, device)  # for every stage
     per_epoch = max(len(train_set) // args.batch_size, 1)
     stages = ["end2end"] if args.end_to_end else ["stage1", "stage2"] if args.stage == "all" else [f"stage{args.stage}"]
 

@@ -345,7 +345,8 @@ def moco_step(state, view_q, view_k, g, args, dtype):
         q = F.normalize(encode_in_splits(model, view_q, args.moco_bn_splits).float(), dim=1)  # N x dim
         with torch.no_grad():
             momentum_update(key_model, model, args.moco_momentum)
-            order = torch.randperm(len(view_k), generator=g).to(view_k.device)  # shuffle BN: keys in other splits
+            order = torch.randperm(len(view_k), generator=g)  # shuffle BN: the keys go to other splits
+            order = order.to(view_k.device, non_blocking=True)
             k = F.normalize(encode_in_splits(key_model, view_k, args.moco_bn_splits, order).float(), dim=1)
     loss = info_nce(q, k, queue.keys, args.moco_tau)  # Eq. 5
     update(loss, state["optimizer"], state["scaler"])
@@ -403,7 +404,7 @@ def main(argv=None):
             images = torch.cat([batch["query"], batch["key"]])  # 2N x 3 x S x S: all views in one go
             params = view_params(len(images), args.image_size, args.image_size, g, args.moco_crop_min,
                                       args.moco_jitter, args.moco_hue, args.moco_grayscale)
-            views = normalize(moco_views(images, {k: v.to(device) for k, v in params.items()}))
+            views = normalize(moco_views(images, data.to_device(params, device)))
             return moco_step(state, *views.chunk(2), g, args, dtype)
 
         if not train(args, "pretrain", run, loader, step_fn, state, args.epochs, device):
